@@ -1,0 +1,1 @@
+"""facesynth shared contracts: config loading, storage URIs, shard datasets, CLI."""

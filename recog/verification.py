@@ -1,0 +1,315 @@
+"""Pair verification exactly as insightface's ``eval/verification.py`` reports it.
+
+Protocol (same numbers as insightface on the same embeddings):
+
+- an image's embedding is the flip-fused embedding: model outputs of the image and of its
+  horizontal mirror are summed and L2-normalised (``flip_fusion="sum"``), or fused with AdaFace's
+  norm weighting (``"norm_weighted"``);
+- the distance of a pair is the squared L2 distance of the normalised embeddings (0..4);
+- pairs are cut into ``nrof_folds`` contiguous folds with the boundaries of
+  ``sklearn.model_selection.KFold(nrof_folds, shuffle=False)``; with one fold train = test = all;
+- accuracy: per fold, the threshold of ``np.arange(0, 4, 0.01)`` with the best accuracy on the
+  other folds (first maximum) is applied to the held-out fold; mean and ``np.std`` over folds;
+- VAL@FAR=1e-3: per fold, the threshold on ``np.arange(0, 4, 0.001)`` at which the training folds'
+  FAR reaches the target, read off the FAR curve by linear interpolation exactly as scipy<=1.8
+  ``interp1d(far, thresholds, kind="slinear")`` did (insightface's call fails on newer scipy,
+  whose splines refuse the repeated FAR values); threshold 0 when the FAR never reaches the target.
+
+Counting is vectorised (sorted distances + ``searchsorted``) but every ratio is the same integer
+division insightface performs, so accuracies agree bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+ACC_THRESHOLDS = np.arange(0, 4, 0.01)
+VAL_THRESHOLDS = np.arange(0, 4, 0.001)
+FLIP_FUSIONS = ("sum", "norm_weighted")
+CHANNEL_ORDERS = ("RGB", "BGR")
+
+EmbedFn = Callable[[torch.Tensor], "torch.Tensor | np.ndarray"]
+
+
+@dataclass(frozen=True)
+class VerificationResult:
+    """Fold statistics of one verification set (fractions, not percent)."""
+
+    accuracy: float
+    std: float
+    val: float
+    val_std: float
+    far: float
+    best_thresholds: np.ndarray  # per fold, chosen on the training folds
+    fold_accuracies: np.ndarray
+    tpr: np.ndarray  # ROC over ACC_THRESHOLDS, mean of the held-out folds
+    fpr: np.ndarray
+    xnorm: float  # mean norm of the raw model outputs (nan when not measured)
+    n_pairs: int
+
+
+@dataclass(frozen=True)
+class EmbeddedImages:
+    """Flip-fused, L2-normalised embeddings (row i = image i) and insightface's XNorm."""
+
+    embeddings: np.ndarray
+    xnorm: float
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows divided by their L2 norm (zero rows stay zero), computed as sklearn's ``normalize``."""
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+    norms[norms == 0.0] = 1.0
+    return x / norms[:, np.newaxis]
+
+
+def fuse_flip(emb: np.ndarray, emb_flip: np.ndarray, mode: str = "sum") -> np.ndarray:
+    """Fuse embeddings of images and their mirrors into L2-normalised rows.
+
+    ``sum`` (insightface): normalise(emb + emb_flip). ``norm_weighted`` (AdaFace
+    ``fuse_features_with_norm``): each unit feature weighted by its own norm, summed, normalised.
+    """
+    if emb.shape != emb_flip.shape or emb.ndim != 2:
+        raise ValueError(
+            f"fuse_flip: emb {emb.shape} and emb_flip {emb_flip.shape} must be equal (N, D) arrays"
+        )
+    if mode == "sum":
+        return l2_normalize(emb + emb_flip)
+    if mode == "norm_weighted":
+        norms = np.linalg.norm(emb, axis=1, keepdims=True)
+        norms_flip = np.linalg.norm(emb_flip, axis=1, keepdims=True)
+        unit, unit_flip = emb / np.maximum(norms, 1e-12), emb_flip / np.maximum(norms_flip, 1e-12)
+        return l2_normalize(unit * norms + unit_flip * norms_flip)
+    raise ValueError(f"fuse_flip: mode={mode!r}, expected one of {FLIP_FUSIONS}")
+
+
+def _check_images(images: np.ndarray) -> None:
+    if (
+        not isinstance(images, np.ndarray)
+        or images.dtype != np.uint8
+        or images.ndim != 4
+        or images.shape[3] != 3
+        or len(images) == 0
+    ):
+        shape = getattr(images, "shape", None)
+        dtype = getattr(images, "dtype", type(images).__name__)
+        raise ValueError(
+            f"images: got shape {shape} dtype {dtype}, expected a non-empty uint8 array (N, H, W, 3) in RGB"
+        )
+
+
+def embed_pairs(
+    embed_fn: EmbedFn,
+    images: np.ndarray,
+    batch_size: int = 256,
+    flip: bool = True,
+    *,
+    mean: Sequence[float] = (0.5, 0.5, 0.5),
+    std: Sequence[float] = (0.5, 0.5, 0.5),
+    channel_order: str = "RGB",
+    flip_fusion: str = "sum",
+) -> EmbeddedImages:
+    """Embed RGB uint8 NHWC images (pairs consecutive) as insightface's verification does.
+
+    Each batch becomes float NCHW ``((x / 255) - mean) / std`` in ``channel_order`` and goes through
+    ``embed_fn``; with ``flip`` the mirrored batch too, fused by ``flip_fusion``. XNorm is the mean
+    norm of all raw outputs (originals and mirrors).
+    """
+    _check_images(images)
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: expected >= 1")
+    if channel_order not in CHANNEL_ORDERS:
+        raise ValueError(f"channel_order={channel_order!r}: expected one of {CHANNEL_ORDERS}")
+    if flip_fusion not in FLIP_FUSIONS:
+        raise ValueError(f"flip_fusion={flip_fusion!r}: expected one of {FLIP_FUSIONS}")
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
+        if channel_order == "BGR":
+            x = x.flip(1)
+        out = embed_fn(((x / 255) - mean_t) / std_t)
+        return (
+            out.detach().cpu().float().numpy()
+            if isinstance(out, torch.Tensor)
+            else np.asarray(out, np.float32)
+        )
+
+    views = [images, images[:, :, ::-1]] if flip else [images]
+    raw = [
+        np.concatenate([run(view[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+        for view in views
+    ]
+    xnorm = float(np.mean(np.linalg.norm(np.concatenate(raw), axis=1)))
+    embeddings = fuse_flip(raw[0], raw[1], flip_fusion) if flip else l2_normalize(raw[0])
+    return EmbeddedImages(embeddings=embeddings, xnorm=xnorm)
+
+
+def fold_bounds(n: int, nrof_folds: int) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) folds with sklearn ``KFold(shuffle=False)`` sizes (first n % k get +1)."""
+    if nrof_folds < 1 or nrof_folds > n:
+        raise ValueError(f"nrof_folds={nrof_folds}: expected 1..{n} for {n} pairs")
+    sizes = np.full(nrof_folds, n // nrof_folds)
+    sizes[: n % nrof_folds] += 1
+    stops = np.cumsum(sizes)
+    return [(int(stop - size), int(stop)) for stop, size in zip(stops, sizes, strict=True)]
+
+
+def _below_counts(dist: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Number of ``dist`` values strictly below each threshold."""
+    return np.searchsorted(np.sort(dist), thresholds, side="left")
+
+
+def _fold_counts(dist, issame, folds, thresholds):
+    """Per fold: same / different pair counts and how many of each fall below every threshold."""
+    same = np.stack([_below_counts(dist[a:b][issame[a:b]], thresholds) for a, b in folds])
+    diff = np.stack([_below_counts(dist[a:b][~issame[a:b]], thresholds) for a, b in folds])
+    n_same = np.array([issame[a:b].sum() for a, b in folds])
+    n_diff = np.array([b - a for a, b in folds]) - n_same
+    return same, diff, n_same, n_diff
+
+
+def _train(per_fold: np.ndarray) -> np.ndarray:
+    """Totals over the other folds (all folds when there is only one, as insightface's LFold)."""
+    return per_fold if len(per_fold) == 1 else per_fold.sum(axis=0) - per_fold
+
+
+def _far_threshold(far: np.ndarray, thresholds: np.ndarray, target: float) -> float:
+    """Threshold where the non-decreasing ``far`` curve reaches ``target`` (0 if it never does).
+
+    Same value as scipy<=1.8 ``interp1d(far, thresholds, kind='slinear')(target)``: that linear
+    B-spline interpolates between the last FAR <= target and the next point, and gives 0 where
+    that interval has zero width (possible only at the top end).
+    """
+    if far.max() < target:
+        return 0.0
+    hi = min(int(np.searchsorted(far, target, side="right")), len(far) - 1)
+    lo = hi - 1
+    if far[hi] == far[lo]:
+        return 0.0
+    w = 1.0 / (far[hi] - far[lo])
+    return float(thresholds[lo] * (w * (far[hi] - target)) + thresholds[hi] * (w * (target - far[lo])))
+
+
+def _check_pairs(emb1: np.ndarray, emb2: np.ndarray, issame: np.ndarray) -> None:
+    if emb1.ndim != 2 or emb1.shape != emb2.shape or len(issame) != len(emb1):
+        raise ValueError(
+            f"emb1 {emb1.shape}, emb2 {emb2.shape}, issame ({len(issame)},): expected two (N, D) arrays and N flags"
+        )
+    norms = np.linalg.norm(emb1.astype(np.float64), axis=1), np.linalg.norm(emb2.astype(np.float64), axis=1)
+    for name, norm in zip(("emb1", "emb2"), norms, strict=True):
+        bad = (np.abs(norm - 1.0) > 1e-3) & (norm != 0.0)
+        if bad.any():
+            raise ValueError(
+                f"{name}: row {int(np.argmax(bad))} has norm {norm[bad][0]:.4f}; expected L2-normalised "
+                "embeddings (use fuse_flip or l2_normalize)"
+            )
+
+
+def verify_embeddings(
+    emb1: np.ndarray,
+    emb2: np.ndarray,
+    issame: np.ndarray,
+    nrof_folds: int = 10,
+    *,
+    far_target: float = 1e-3,
+    xnorm: float = float("nan"),
+) -> VerificationResult:
+    """insightface's 10-fold accuracy and VAL@FAR for L2-normalised pair embeddings.
+
+    The embeddings' dtype is kept (insightface works in the model's float32), so the result is the
+    one insightface reports for the same arrays.
+    """
+    emb1, emb2 = np.asarray(emb1), np.asarray(emb2)
+    issame = np.asarray(issame).astype(bool)
+    _check_pairs(emb1, emb2, issame)
+    if not 0.0 < far_target <= 1.0:
+        raise ValueError(f"far_target={far_target}: expected a FAR in (0, 1]")
+    # computed in the embeddings' dtype like insightface; widened (exactly) because its comparisons
+    # with the float64 thresholds happen in float64
+    dist = np.sum(np.square(np.subtract(emb1, emb2)), 1).astype(np.float64)
+    folds = fold_bounds(len(dist), nrof_folds)
+    sizes = np.array([b - a for a, b in folds])
+
+    same, diff, n_same, n_diff = _fold_counts(dist, issame, folds, ACC_THRESHOLDS)
+    for k, (a, b) in enumerate(folds):
+        if n_same[k] == 0 or n_diff[k] == 0 or _train(n_same)[k] == 0 or _train(n_diff)[k] == 0:
+            raise ValueError(
+                f"issame: fold {k} (pairs {a}..{b - 1}) or its training folds lack same or different pairs; "
+                "VAL@FAR needs both in every fold (use fewer folds or interleave the pairs)"
+            )
+    train_size = _train(sizes)[:, None]
+    train_acc = (_train(same) + (_train(n_diff)[:, None] - _train(diff))) / train_size
+    best = np.argmax(train_acc, axis=1)
+    rows = np.arange(len(folds))
+    fold_acc = (same[rows, best] + n_diff - diff[rows, best]) / sizes
+    _, diff_val, _, _ = _fold_counts(dist, issame, folds, VAL_THRESHOLDS)
+    far_train = _train(diff_val) / _train(n_diff)[:, None]
+    vals, fars = np.zeros(len(folds)), np.zeros(len(folds))
+    for k, (a, b) in enumerate(folds):
+        accept = dist[a:b] < _far_threshold(far_train[k], VAL_THRESHOLDS, far_target)
+        vals[k] = np.sum(accept & issame[a:b]) / n_same[k]
+        fars[k] = np.sum(accept & ~issame[a:b]) / n_diff[k]
+
+    return VerificationResult(
+        accuracy=float(np.mean(fold_acc)),
+        std=float(np.std(fold_acc)),
+        val=float(np.mean(vals)),
+        val_std=float(np.std(vals)),
+        far=float(np.mean(fars)),
+        best_thresholds=ACC_THRESHOLDS[best],
+        fold_accuracies=fold_acc,
+        tpr=np.mean(same / n_same[:, None], 0),
+        fpr=np.mean(diff / n_diff[:, None], 0),
+        xnorm=float(xnorm),
+        n_pairs=len(dist),
+    )
+
+
+class _EmbedWorker:
+    """Ray actor body: loads the exported model once and embeds the chunks it is sent."""
+
+    def __init__(self, model_uri: str, device: str):
+        from recog.face_model import load_face_model
+
+        self.embedder = load_face_model(model_uri, device=device)
+
+    def embed(self, images: np.ndarray, batch_size: int, flip: bool) -> EmbeddedImages:
+        return self.embedder.embed_set(images, batch_size=batch_size, flip=flip)
+
+
+def embed_with_ray(
+    model_dir: str,
+    images: np.ndarray,
+    num_workers: int,
+    batch_size: int = 256,
+    num_gpus_per_worker: float = 0,
+    flip: bool = True,
+) -> EmbeddedImages:
+    """Embed ``images`` with the exported model at ``model_dir`` on ``num_workers`` Ray actors.
+
+    Images are cut into contiguous chunks, one per actor, and the results are concatenated in order.
+    Actors run on CUDA when given GPUs, else on CPU.
+    """
+    import ray
+
+    _check_images(images)
+    if num_workers < 1:
+        raise ValueError(f"num_workers={num_workers}: expected >= 1")
+    device = "cuda" if num_gpus_per_worker > 0 else "cpu"
+    actor_cls = ray.remote(num_cpus=1, num_gpus=num_gpus_per_worker)(_EmbedWorker)
+    chunks = [c for c in np.array_split(images, num_workers) if len(c)]
+    actors = [actor_cls.remote(model_dir, device) for _ in chunks]
+    try:
+        parts = ray.get([a.embed.remote(c, batch_size, flip) for a, c in zip(actors, chunks, strict=True)])
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    weights = np.array([len(c) for c in chunks], dtype=np.float64)
+    xnorm = float(np.dot([p.xnorm for p in parts], weights) / weights.sum())
+    return EmbeddedImages(embeddings=np.concatenate([p.embeddings for p in parts]), xnorm=xnorm)

@@ -1,0 +1,1 @@
+"""Ingest of real photos/videos: decoding, face detection and cropping."""

@@ -1,0 +1,404 @@
+"""Batch face renderer: an ellipsoid head whose features are painted in its surface coordinates.
+
+Units: the head's half-width is 1 ("head units"); ``v`` quantities of the identity (``eye_v``, ``nose_v``,
+``mouth_v``, ``hairline``, ``ear_v``) are fractions of the head half-height ``b``. View coordinates ``x, y``
+are head units around the head centre with roll removed (x right, y down, z towards the viewer). A pixel on
+the head has object coordinates ``(u, v, w)`` on the ellipsoid, so features move and foreshorten with yaw
+and pitch, and vanish when they turn away. The nose is a second ellipsoid and the ears are z-tested
+against the head, which gives profiles a nose and one ear.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from synthgen.procedural import textures
+from synthgen.procedural.params import HAIR_COLOURS, IRIS_COLOURS, SKIN_TONES, Columns
+from synthgen.procedural.raster import (
+    coverage,
+    darken,
+    ellipse,
+    ellipse_q,
+    paint,
+    per_sample,
+    ray_ellipsoid,
+    rotation,
+)
+from synthgen.procedural.styles import Style
+
+FACE_RADIUS = 0.6  # head half-width at scale 1, in normalised image units (the image spans [-1, 1])
+FACE_DROP = -0.08  # head centre below the image centre, normalised units (eyes land at ~42% height)
+NOSE_TILT = 0.35  # radians: the nose ellipsoid leans so that its lower end sticks out
+
+# Per hair style (bald, buzz, short, medium, long).
+SHELL_VOLUME = np.array([0.0, 0.2, 1.0, 1.2, 1.3])  # multiplies the identity's hair_volume
+SHELL_CUT = np.array([-9.0, -0.35, -0.02, 0.55, 1.9])  # lowest hair of the shell, view y / b
+SHELL_STRETCH = np.array([1.0, 1.0, 1.0, 1.25, 2.2])  # downward elongation of the shell
+SCALP_OPACITY = np.array([0.0, 0.55, 1.0, 1.0, 1.0])
+EAR_COVER = np.array([0.0, 0.0, 0.25, 0.9, 1.0])
+# Per beard style (none, stubble, moustache, goatee, full): opacity of jaw, chin and moustache hair.
+BEARD_JAW = np.array([0.0, 0.35, 0.0, 0.0, 1.0])
+BEARD_CHIN = np.array([0.0, 0.0, 0.0, 1.0, 0.0])
+BEARD_MOUSTACHE = np.array([0.0, 0.35, 1.0, 1.0, 1.0])
+
+_HAIR_RGB = np.array(list(HAIR_COLOURS.values()))
+_IRIS_RGB = np.array(list(IRIS_COLOURS.values()))
+
+
+def render_chunk(ic: Columns, sc: Columns, style: Style, size: int) -> np.ndarray:
+    """Render identity columns ``ic`` under sample columns ``sc``: float32 RGB in [0, 1], (N, size, size, 3)."""
+    s = _Scene(ic, sc, style, size)
+    canvas = s.background()
+    s.body(canvas)
+    shell = s.hair_shell(canvas)
+    head = s.head(canvas)
+    s.nose(canvas, head)
+    s.ears(canvas, head, shell)
+    if sc["glasses"].any():
+        s.glasses(canvas, head)
+    if sc["hat"].any():
+        s.hat(canvas)
+    if sc["hand"].any():
+        s.hand(canvas)
+    return s.finish(canvas)
+
+
+class _Head:
+    """The head's ray hit: coverage, depth and object coordinates (``uf`` is ``u`` on the front only)."""
+
+    def __init__(self, cover, z, u, v, w, uf):
+        self.cover, self.z, self.u, self.v, self.w, self.uf = cover, z, u, v, w, uf
+
+
+class _Scene:
+    """Per-chunk scalars, pixel grids and layer painters (each painter composites in place)."""
+
+    def __init__(self, ic: Columns, sc: Columns, style: Style, size: int):
+        f = per_sample
+        self.ic, self.sc, self.style, self.size, self.n = ic, sc, style, size, len(sc["yaw"])
+        self.yaw, pitch, roll = (np.radians(sc[k]) for k in ("yaw", "pitch", "roll"))
+        self.rot = rotation(self.yaw, pitch).astype(np.float32)
+        self.b, self.c = ic["head_aspect"], ic["head_depth"]
+        radius = FACE_RADIUS * sc["scale"]
+        self.gain = f(size * radius / (2.0 * style.edge_px))  # coverage gain per head unit
+        grid = (np.arange(size, dtype=np.float32) + 0.5) * (2.0 / size) - 1.0
+        self.grid = grid
+        gx = (grid[None, None, :] - f(2.0 * sc["shift_x"])) / f(radius)
+        gy = (grid[None, :, None] - f(FACE_DROP + 2.0 * sc["shift_y"])) / f(radius)
+        cr, sr = f(np.cos(roll)), f(np.sin(roll))
+        self.x = gx * cr + gy * sr
+        self.y = gy * cr - gx * sr
+        taper = 1.0 - f(ic["jaw_taper"]) * np.clip(self.y / f(self.b), 0.0, 1.0) ** 2
+        self.xh = self.x / taper  # jaw-tapered x: the head and everything attached to it use this
+        self.age = np.clip(ic["age_base"] + sc["age"], 0.0, 1.0)
+        self.offsets = sc["texture_offsets"]
+
+        az, el = np.radians(sc["light_azimuth"]), np.radians(sc["light_elevation"])
+        self.light = np.stack([np.sin(az) * np.cos(el), -np.sin(el), np.cos(az) * np.cos(el)], -1)
+        half = self.light + np.array([0.0, 0.0, 1.0])
+        self.half = half / np.linalg.norm(half, axis=-1, keepdims=True)
+        warm = sc["light_warmth"]
+        one = np.ones_like(warm)
+        self.light_rgb = f(sc["light_intensity"][:, None] * np.stack([1 + 0.2 * warm, one, 1 - 0.2 * warm], -1))
+        self.ambient_rgb = f(sc["ambient"][:, None] * np.stack([1 - 0.06 * warm, one, 1 + 0.08 * warm], -1))
+
+        self.skin = self._tone(self._skin())
+        grey = np.clip((self.age - 0.45) * 1.8, 0.0, 0.85)[:, None]
+        hair = _HAIR_RGB[ic["hair_colour"]] * ic["hair_shade"][:, None]
+        self.hair = self._tone(hair + grey * (np.array([0.62, 0.6, 0.58]) - hair))
+        self.hair_style = ic["hair_style"]
+        self.hair_map = self.hair
+        if style.hair_strands:
+            streaks = textures.crop(textures.noise_banks(size)["streaks"], self.offsets[:, 4:6], size)
+            self.hair_map = self.hair * (1.0 + style.hair_strands * 0.5 * streaks)[..., None]
+
+    # -- colours and light ------------------------------------------------------------------------------
+    def _skin(self) -> np.ndarray:
+        tone = self.ic["skin_tone"] * (len(SKIN_TONES) - 1)
+        low = np.minimum(tone.astype(np.int64), len(SKIN_TONES) - 2)
+        frac = (tone - low)[:, None]
+        skin = SKIN_TONES[low] + frac * (SKIN_TONES[low + 1] - SKIN_TONES[low])
+        skin = skin + self.ic["skin_hue"][:, None] * np.array([0.03, -0.005, -0.03])
+        return skin * (1.0 - 0.12 * self.age[:, None]) + self.age[:, None] * np.array([0.0, 0.0, 0.02])
+
+    def _tone(self, rgb: np.ndarray) -> np.ndarray:
+        """Apply the style's saturation to (N, 3) colours; return (N, 1, 1, 3) float32."""
+        mean = rgb.mean(-1, keepdims=True)
+        return per_sample(np.clip(mean + self.style.saturation * (rgb - mean), 0.0, 1.0))
+
+    def _lit(self, albedo, lam) -> np.ndarray:
+        """``albedo`` under the sample's ambient + diffuse light (``lam`` a map or per-sample scalar)."""
+        return albedo * (self.ambient_rgb + np.asarray(lam, np.float32)[..., None] * self.light_rgb)
+
+    def _shade(self, nu, nv, nw, rot, with_specular=False):
+        """Diffuse (and specular) terms for object-space normals ``(nu, nv, nw)`` of a body rotated by ``rot``."""
+        lo = per_sample(np.einsum("nji,nj->ni", rot, self.light))
+        norm = np.sqrt(nu * nu + nv * nv + nw * nw) + 1e-6
+        lam = (nu * lo[..., 0] + nv * lo[..., 1] + nw * lo[..., 2]) / norm
+        st = self.style
+        if st.toon_levels:
+            lam = np.ceil(np.clip(lam, 0.0, 1.0) * st.toon_levels) / st.toon_levels
+        else:
+            lam = np.clip((lam + st.wrap) / (1.0 + st.wrap), 0.0, 1.0)
+        if not (with_specular and st.specular):
+            return lam, None
+        ho = per_sample(np.einsum("nji,nj->ni", rot, self.half))
+        spec = np.clip((nu * ho[..., 0] + nv * ho[..., 1] + nw * ho[..., 2]) / norm, 0.0, 1.0)
+        for _ in range(5):  # spec ** 32
+            spec *= spec
+        return lam, spec
+
+    # -- layers ------------------------------------------------------------------------------------------
+    def background(self) -> np.ndarray:
+        sc, size, f = self.sc, self.size, per_sample
+        colours = 0.25 + 0.3 * sc["background_colours"] + 0.3 * sc["background_colours"].mean(-1, keepdims=True)
+        c0, c1 = self._tone(colours[:, 0]), self._tone(colours[:, 1])
+        kind = sc["background"]
+        ang = sc["background_angle"]
+        t = (self.grid[None, None, :] * f(np.cos(ang)) + self.grid[None, :, None] * f(np.sin(ang))) * f(
+            0.5 * (kind == 1)
+        ) + f(0.5 * (kind == 1))
+        if (kind == 2).any():
+            smooth = textures.crop(textures.noise_banks(size)["smooth"], self.offsets[:, 0:2], size)
+            t = t + (0.5 + 0.3 * smooth) * f(kind == 2)
+        return c0 + t[..., None] * (c1 - c0)
+
+    def body(self, canvas) -> None:
+        f, b = per_sample, per_sample(self.b)
+        nx = self.x + f(0.12 * np.sin(self.yaw))
+        clothes = ellipse(nx, self.y - (b + 1.05), 2.1, 0.95, self.gain)
+        paint(canvas, clothes, self._lit(self._tone(0.1 + 0.8 * self.sc["clothing_colour"]), 0.7))
+        neck = coverage(0.44 - np.abs(nx), self.gain) * coverage(self.y - 0.35 * b, self.gain)
+        paint(canvas, neck, self._lit(self.skin * 0.72, 0.55))
+
+    def hair_shell(self, canvas) -> np.ndarray:
+        """Hair volume behind the head (nothing for bald identities); returns its coverage."""
+        f, st = per_sample, self.hair_style
+        b = f(self.b)
+        a_eff = np.sqrt(np.cos(self.yaw) ** 2 + (self.c * np.sin(self.yaw)) ** 2)
+        vol = 1.0 + self.ic["hair_volume"] * SHELL_VOLUME[st]
+        rx, ry = f(a_eff * vol), f(self.b * vol)
+        hx = (self.x + f(0.2 * self.c * np.sin(self.yaw))) / rx
+        hy = (self.y + 0.08 * b) / ry
+        hy = hy * np.where(hy > 0, f(1.0 / SHELL_STRETCH[st]), np.float32(1.0))
+        q = hx * hx + hy * hy
+        shell = coverage(1.0 - q, 0.5 * rx * self.gain) * coverage(f(SHELL_CUT[st]) * b - self.y, self.gain)
+        shell *= f(st > 0)
+        lo = per_sample(self.light)
+        lam = np.clip(hx * lo[..., 0] + hy * lo[..., 1] + np.sqrt(np.maximum(1.0 - q, 0.0)) * lo[..., 2], 0, 1)
+        paint(canvas, shell, self._lit(self.hair_map * 0.85, lam))
+        return shell
+
+    def head(self, canvas) -> _Head:
+        ic, f = self.ic, per_sample
+        radii = np.stack([np.ones(self.n), self.b, self.c], -1)
+        inside, z, (u, v, w) = ray_ellipsoid(self.xh, self.y, self.rot, radii)
+        cover = coverage(inside, 0.5 * self.gain)
+        head = _Head(cover, np.where(inside > 0, z, np.float32(-1e3)), u, v, w, np.where(w > -0.05, u, 9.0))
+        albedo = np.empty((self.n, self.size, self.size, 3), np.float32)
+        albedo[:] = self.skin
+        lum = np.ones_like(inside)
+        self._skin_texture(head, albedo, lum)
+        if (ic["beard_style"] > 0).any():
+            self._beard(head, albedo)
+        if (self.age > 0.35).any():
+            self._wrinkles(head, lum)
+        self._brows(head, albedo)
+        self._eyes(head, albedo, lum)
+        self._mouth(head, albedo)
+        scalp = self._scalp(head)
+        paint(albedo, scalp, self.hair_map)
+        b, c = f(self.b), f(self.c)
+        lam, spec = self._shade(u, v / (b * b), w / (c * c), self.rot, with_specular=True)
+        rgb = self._lit(albedo * lum[..., None], lam)
+        if spec is not None:
+            rgb += (spec * (1.0 - scalp) * self.style.specular)[..., None] * self.light_rgb
+        paint(canvas, cover, rgb)
+        return head
+
+    def _skin_texture(self, h: _Head, albedo, lum) -> None:
+        ic, st, f, size = self.ic, self.style, per_sample, self.size
+        banks = textures.noise_banks(size)
+        if st.pores or st.blotch:
+            pores = textures.crop(banks["pores"], self.offsets[:, 2:4], size)
+            smooth = textures.crop(banks["smooth"], self.offsets[:, 0:2][:, ::-1], size)
+            lum *= 1.0 + st.pores * pores + st.blotch * smooth
+        if st.blush:
+            q = ellipse_q(np.abs(h.uf) - 0.5, h.v - f(ic["nose_v"] * self.b + 0.08), 0.3, 0.22)
+            amount = np.clip(1.0 - q, 0.0, 1.0) * f(st.blush * 0.45 * ic["blush"])
+            paint(albedo, amount, self.skin * np.array([1.08, 0.72, 0.72], np.float32))
+        spots = ic["freckles"] + np.clip(self.age - 0.6, 0.0, 1.0)
+        if (spots > 0).any():
+            field = textures.crop(banks["spots"], self.offsets[:, 6:8], size)
+            region = np.clip(1.0 - ellipse_q(h.uf, h.v - f(ic["nose_v"] * self.b), 0.8, 0.5), 0.0, 1.0)
+            dots = np.clip((field - f(2.6 - 0.9 * spots)) * 2.0, 0.0, 1.0)
+            darken(lum, dots * region, f(0.35 * (spots > 0)))
+        for k in range(ic["mole_r"].shape[1]):
+            r = ic["mole_r"][:, k]
+            if (r > 0).any():
+                rr = f(np.maximum(r, 1e-3))
+                mole = ellipse(h.uf - f(ic["mole_u"][:, k]), h.v - f(ic["mole_v"][:, k] * self.b), rr, rr, self.gain)
+                darken(lum, mole, f(0.65 * (r > 0)))
+
+    def _beard(self, h: _Head, albedo) -> None:
+        ic, f, g = self.ic, per_sample, self.gain
+        au = np.abs(h.uf)
+        style = ic["beard_style"]
+        mv, lip = f(ic["mouth_v"] * self.b), f(ic["lip_thick"])
+        top = mv - 0.16
+        top = top - (top - f(ic["ear_v"] * self.b + 0.05)) * np.clip((au - 0.3) / 0.6, 0.0, 1.0)
+        jaw = coverage(h.v - top, g) * coverage(0.98 - au, g)
+        chin = jaw * coverage(0.3 - au, g)
+        moustache = coverage(h.v - (mv - lip - 0.09), g) * coverage(mv - lip * 0.5 - h.v, g)
+        moustache *= coverage(f(ic["mouth_w"] * 1.15) - au, g)
+        growth = ic["beard_density"] * np.clip(0.45 + self.age, 0.0, 1.0)
+        amount = f(BEARD_JAW[style] * growth) * jaw + f(BEARD_CHIN[style] * growth) * chin
+        amount += f(BEARD_MOUSTACHE[style] * growth) * moustache
+        paint(albedo, np.minimum(amount, 1.0), self.hair_map * 0.9)
+
+    def _wrinkles(self, h: _Head, lum) -> None:
+        ic, f, g = self.ic, per_sample, self.gain
+        amount = f(np.clip((self.age - 0.35) * 1.6, 0.0, 1.0))
+        au, b = np.abs(h.uf), f(self.b)
+        top, bottom = f(ic["hairline"] * self.b + 0.12), f((ic["eye_v"] * self.b) - ic["brow_gap"] - 0.08)
+        region = coverage(h.v - top, g) * coverage(bottom - h.v, g) * coverage(0.5 - au, g)
+        t = h.v * (1.0 / 0.075)
+        lines = coverage(np.abs(t - np.floor(t) - 0.5) - 0.38, 0.075 * g)
+        darken(lum, region * lines, 0.3 * amount)
+        nose_end = f(ic["nose_v"] * self.b + ic["nose_len"] * 0.9)
+        fold = np.abs(au - f(ic["nose_w"] + 0.05) - (h.v - nose_end) * 0.45)
+        fold_cover = coverage(0.012 - fold, g) * coverage(h.v - nose_end + 0.03, g)
+        fold_cover *= coverage(f(ic["mouth_v"]) * b + 0.06 - h.v, g)
+        darken(lum, fold_cover, 0.35 * amount)
+
+    def _brows(self, h: _Head, albedo) -> None:
+        ic, sc, f = self.ic, self.sc, per_sample
+        bu = np.abs(h.uf) - f(ic["eye_sep"] + ic["brow_shift"])
+        bv = h.v - f(ic["eye_v"] * self.b - ic["brow_gap"] - 0.05 * sc["brow_raise"])
+        length, thick = f(ic["brow_len"]), f(ic["brow_thick"])
+        t = bu / length
+        centre = f(-0.07 * ic["brow_arch"]) * (1.0 - t * t) - f(0.5 * ic["brow_tilt"]) * bu
+        brows = ellipse(t, (bv - centre) / thick, 1.0, 1.0, thick * self.gain)
+        paint(albedo, brows, (self.hair_map * 0.75 + 0.04).astype(np.float32))
+
+    def _eyes(self, h: _Head, albedo, lum) -> None:
+        ic, sc, f, g = self.ic, self.sc, per_sample, self.gain
+        sep, width = f(ic["eye_sep"]), f(ic["eye_w"])
+        ev = h.v - f(ic["eye_v"] * self.b)
+        side = np.abs(h.uf) - sep  # mirrored: positive towards the outer corner
+        darken(lum, np.clip(1.0 - ellipse_q(side, ev + 0.01, 0.27, 0.16), 0.0, 1.0), f(0.1 + 0.12 * self.age))
+        ct, st = f(np.cos(ic["eye_tilt"])), f(np.sin(ic["eye_tilt"]))
+        tu, tv = side * ct + ev * st, ev * ct - side * st
+        height = f(ic["eye_w"] * ic["eye_h"] * (1.0 - sc["eye_closure"]) + 0.004)
+        paint(albedo, ellipse(tu, tv, width + 0.022, height + 0.022, g), np.float32([0.1, 0.07, 0.06]))
+        sclera = ellipse(tu, tv, width, height, g)
+        paint(albedo, sclera, np.float32([0.93, 0.91, 0.88]))
+        radius = f(ic["iris_r"] * ic["eye_w"])
+        iu = h.uf - np.sign(h.uf) * sep - f(0.35 * sc["gaze_u"] * ic["eye_w"])
+        iv = ev - f(0.4 * sc["gaze_v"] * ic["eye_w"] * ic["eye_h"])
+        q = (iu * iu + iv * iv) / (radius * radius)
+        iris = coverage(1.0 - q, 0.5 * radius * g) * sclera
+        paint(albedo, iris, self._tone(_IRIS_RGB[ic["iris_colour"]]))
+        paint(albedo, coverage(0.16 - q, 1.25 * radius * g) * sclera, np.float32([0.02, 0.02, 0.02]))
+        if self.style.specular:
+            glint = ellipse(iu + 0.35 * radius, iv + 0.35 * radius, 0.3 * radius, 0.3 * radius, g) * iris
+            paint(albedo, glint, np.float32([1.0, 1.0, 1.0]))
+
+    def _mouth(self, h: _Head, albedo) -> None:
+        ic, sc, f, g = self.ic, self.sc, per_sample, self.gain
+        width, thick = f(ic["mouth_w"]), f(ic["lip_thick"])
+        t = h.uf / width
+        mv = h.v - f(ic["mouth_v"] * self.b) + f(0.06 * sc["smile"]) * t * t
+        gap = f(0.075 * sc["mouth_open"])
+        lip = self.skin * np.float32([0.82, 0.55, 0.55]) + f(ic["lip_tone"][:, None] * [0.12, 0.024, 0.036])
+        paint(albedo, ellipse(h.uf, mv, width, thick + gap, g), lip)
+        opening = ellipse(h.uf, mv, width * 0.85, gap + 0.005, g)
+        paint(albedo, opening, np.float32([0.12, 0.04, 0.04]))
+        teeth = opening * coverage(-(mv + 0.35 * gap), g) * f(sc["mouth_open"] > 0)
+        paint(albedo, teeth, np.float32([0.9, 0.88, 0.82]))
+
+    def _scalp(self, h: _Head) -> np.ndarray:
+        """Coverage of hair on the head surface: above the hairline, the temples and the back."""
+        ic, f = self.ic, per_sample
+        b = f(self.b)
+        u2 = h.u * h.u
+        side_drop = f((ic["ear_v"] - ic["hairline"]) * self.b - 0.12)
+        line = f(ic["hairline"]) * b - f(ic["temple_recess"]) * u2 + f(0.05 * ic["hair_part"]) * h.u
+        line += side_drop * np.clip((np.abs(h.u) - 0.74) * 4.0, 0.0, 1.0)
+        line += np.clip(-3.0 * h.w, 0.0, 1.0) * (2.5 * b)
+        line += f(ic["fringe"]) * b * np.clip(1.0 - u2 * (1 / 0.3), 0.0, 1.0)
+        return coverage(line - h.v, self.gain) * f(SCALP_OPACITY[self.hair_style])
+
+    def nose(self, canvas, h: _Head) -> None:
+        ic, f = self.ic, per_sample
+        nose_v = ic["nose_v"] * self.b
+        radii = np.stack([ic["nose_w"], ic["nose_len"], ic["nose_depth"]], -1)
+        ct, st = np.cos(NOSE_TILT), np.sin(NOSE_TILT)
+        rot = self.rot @ np.float32([[1, 0, 0], [0, ct, -st], [0, st, ct]])
+        centre_obj = np.stack(
+            [np.zeros(self.n), nose_v, self.c * np.sqrt(1.0 - ic["nose_v"] ** 2) - 0.3 * ic["nose_depth"]], -1
+        )
+        centre = np.einsum("nij,nj->ni", self.rot, centre_obj)
+        inside, dz, (nu, nv, nw) = ray_ellipsoid(self.xh - f(centre[:, 0]), self.y - f(centre[:, 1]), rot, radii)
+        cover = coverage(inside, f(0.5 * ic["nose_w"]) * self.gain) * (dz + f(centre[:, 2]) > h.z)
+        nw2, nl2, nd2 = (f(r * r) for r in radii.T)
+        lam, _ = self._shade(nu / nw2, nv / nl2, nw / nd2, rot)
+        lateral = (np.abs(nu) / f(ic["nose_w"]) - 0.5) / 0.25
+        nostril = coverage(1.0 - lateral * lateral - ((nv / f(ic["nose_len"]) - 0.62) / 0.2) ** 2, 0.1 * self.gain)
+        skin = self.skin * np.float32([1.0 + 0.15 * self.style.blush, 1.0, 1.0])
+        rgb = self._lit(skin, lam * (1.0 - 0.8 * nostril))
+        paint(canvas, cover, rgb)
+
+    def ears(self, canvas, h: _Head, shell) -> None:
+        ic, f = self.ic, per_sample
+        size_ = ic["ear_size"]
+        for sign in (-1.0, 1.0):
+            anchor = np.stack([np.full(self.n, 0.97 * sign), ic["ear_v"] * self.b, -0.12 * self.c], -1)
+            centre = np.einsum("nij,nj->ni", self.rot, anchor)
+            openness = np.abs(self.rot[:, 2, 0])
+            rx, ry = f(size_ * (0.3 + 0.4 * openness)), f(size_)
+            dx, dy = self.xh - f(centre[:, 0]), self.y - f(centre[:, 1])
+            cover = ellipse(dx, dy, rx, ry, self.gain) * (f(centre[:, 2]) > h.z)
+            cover *= 1.0 - shell * f(EAR_COVER[self.hair_style])
+            inner = ellipse(dx, dy, rx, ry, self.gain, shrink=0.55)
+            paint(canvas, cover, self._lit(self.skin * 0.95, 0.55 * (1.0 - 0.6 * inner)))
+
+    def glasses(self, canvas, h: _Head) -> None:
+        ic, sc, f, g = self.ic, self.sc, per_sample, self.gain
+        on = f(sc["glasses"]) * h.cover
+        sep = f(ic["eye_sep"])
+        width = f(ic["eye_w"] * 1.3 + 0.05)
+        height, rim = width * 0.72, 0.03
+        side, ev = np.abs(h.uf) - sep, h.v - f(ic["eye_v"] * self.b + 0.01)
+        lens = ellipse(side, ev, width - rim, height - rim, g)
+        frame = ellipse(side, ev, width, height, g) - lens
+        bar = coverage(0.6 * rim - np.abs(ev + 0.02), g)
+        frame += bar * (coverage(sep - width + 0.02 - np.abs(h.uf), g) + coverage(side - width + 0.01, g))
+        dark = sc["sunglasses"]
+        lens_rgb = np.where(dark[:, None], [0.05, 0.05, 0.06], [0.8, 0.86, 0.9])
+        paint(canvas, lens * on * f(np.where(dark, 0.85, 0.12)), self._tone(lens_rgb))
+        paint(canvas, np.minimum(frame, 1.0) * on, self._lit(self._tone(sc["glasses_colour"]), 0.6))
+
+    def hat(self, canvas) -> None:
+        sc, f = self.sc, per_sample
+        b = f(self.b)
+        a_eff = f(np.sqrt(np.cos(self.yaw) ** 2 + (self.c * np.sin(self.yaw)) ** 2) * 1.1)
+        q = ellipse_q(self.x + f(0.15 * np.sin(self.yaw)), self.y + 0.05 * b, a_eff, b * 1.09)
+        edge = f(sc["hat_line"]) * b + 0.12 * (self.x / a_eff) ** 2
+        cover = coverage(1.0 - q, 0.5 * a_eff * self.gain) * coverage(edge - self.y, self.gain) * f(sc["hat"])
+        band = coverage(self.y - (edge - 0.1), self.gain)
+        paint(canvas, cover, self._lit(self._tone(0.1 + 0.8 * sc["hat_colour"]), 0.7 - 0.25 * band))
+
+    def hand(self, canvas) -> None:
+        sc, f = self.sc, per_sample
+        dx, dy = self.x - f(sc["hand_x"]), self.y - f(sc["hand_y"] * self.b)
+        cover = ellipse(dx, dy, 0.42, 0.55, self.gain) * f(sc["hand"])
+        lo = per_sample(self.light)
+        lam = np.clip(0.55 + 0.4 * (dx * lo[..., 0] + dy * lo[..., 1]), 0.0, 1.0)
+        paint(canvas, cover, self._lit(self.skin * 0.95, lam))
+
+    def finish(self, canvas) -> np.ndarray:
+        if self.style.vignette:
+            r2 = self.grid[None, None, :] ** 2 + self.grid[:, None] ** 2
+            canvas *= (1.0 - 0.5 * self.style.vignette * r2)[..., None]
+        return canvas

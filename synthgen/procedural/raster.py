@@ -1,0 +1,81 @@
+"""Vectorised rasterisation primitives over a batch: per-sample scalars broadcast against pixel grids."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def per_sample(values) -> np.ndarray:
+    """(N,) values -> float32 (N, 1, 1), or (N, 3) colours -> (N, 1, 1, 3), to broadcast over images."""
+    arr = np.asarray(values, dtype=np.float32)
+    return arr.reshape(arr.shape[0], 1, 1, *arr.shape[1:])
+
+
+def coverage(inside: np.ndarray, gain) -> np.ndarray:
+    """Anti-aliased coverage in [0, 1] of an implicit shape ``inside > 0``.
+
+    ``gain`` converts ``inside`` to pixels (``inside * gain`` is about the signed distance to the edge in
+    pixels divided by the style's edge width).
+    """
+    out = inside * gain
+    out += 0.5
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def ellipse_q(du: np.ndarray, dv: np.ndarray, ru, rv) -> np.ndarray:
+    """Implicit ellipse value ``(du/ru)^2 + (dv/rv)^2`` (< 1 inside)."""
+    a = du / ru
+    a *= a
+    b = dv / rv
+    b *= b
+    a += b
+    return a
+
+
+def ellipse(du: np.ndarray, dv: np.ndarray, ru, rv, px_gain, shrink: float = 1.0) -> np.ndarray:
+    """Coverage of the ellipse with radii ``shrink * (ru, rv)``; ``px_gain`` = pixels per head unit / edge."""
+    q = ellipse_q(du, dv, ru, rv)
+    return coverage(shrink * shrink - q, 0.5 * np.minimum(ru, rv) * px_gain / shrink)
+
+
+def paint(canvas: np.ndarray, alpha: np.ndarray, colour: np.ndarray) -> None:
+    """Alpha-blend ``colour`` ((N,1,1,3) or (N,H,W,3)) over ``canvas`` in place."""
+    delta = colour - canvas
+    delta *= alpha[..., None]
+    canvas += delta
+
+
+def darken(lum: np.ndarray, alpha: np.ndarray, strength) -> None:
+    """Multiply the brightness map ``lum`` by ``1 - strength * alpha`` in place."""
+    lum *= 1.0 - alpha * strength
+
+
+def rotation(yaw: np.ndarray, pitch: np.ndarray) -> np.ndarray:
+    """(N, 3, 3) object-to-view rotations ``Rx(pitch) @ Ry(yaw)`` (radians; x right, y down, z to viewer)."""
+    cy, sy, cp, sp = np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch)
+    one, zero = np.ones_like(yaw), np.zeros_like(yaw)
+    ry = np.stack([np.stack([cy, zero, sy], -1), np.stack([zero, one, zero], -1), np.stack([-sy, zero, cy], -1)], -2)
+    rx = np.stack([np.stack([one, zero, zero], -1), np.stack([zero, cp, -sp], -1), np.stack([zero, sp, cp], -1)], -2)
+    return rx @ ry
+
+
+def ray_ellipsoid(dx: np.ndarray, dy: np.ndarray, rot: np.ndarray, radii: np.ndarray):
+    """Front surface of rotated ellipsoids under orthographic view along -z.
+
+    ``dx, dy``: view offsets from each ellipsoid centre (N, H, W); ``rot``: (N, 3, 3) object-to-view;
+    ``radii``: (N, 3). Returns ``inside`` (> 0 within the silhouette, about 2 * distance / radius near the
+    edge), ``dz`` (depth of the front surface, towards the viewer) and the object coordinates ``(u, v, w)``.
+    """
+    m = rot @ (rot.transpose(0, 2, 1) / (radii[:, :, None] ** 2))  # R diag(1/r^2) R^T
+    m = per_sample(m.reshape(-1, 9))  # (N,1,1,9)
+    mxx, mxy, mxz, myy, myz, mzz = (m[..., i] for i in (0, 1, 2, 4, 5, 8))
+    b = mxz * dx + myz * dy
+    c = mxx * dx * dx + (2 * mxy) * dx * dy + myy * dy * dy - 1.0
+    inside = b * b / mzz - c
+    root = np.sqrt(np.maximum(inside, 0.0))
+    dz = root / np.sqrt(mzz) - b / mzz
+    r = per_sample(rot.reshape(-1, 9))
+    u = r[..., 0] * dx + r[..., 3] * dy + r[..., 6] * dz
+    v = r[..., 1] * dx + r[..., 4] * dy + r[..., 7] * dz
+    w = r[..., 2] * dx + r[..., 5] * dy + r[..., 8] * dz
+    return inside, dz, (u, v, w)
