@@ -44,8 +44,9 @@ class Location:
         return bucket, key
 
 
-def parse(uri: str) -> Location:
+def parse(uri: str | os.PathLike) -> Location:
     """Parse a storage URI; plain relative paths are made absolute."""
+    uri = os.fspath(uri)
     if not uri:
         raise ValueError("storage URI is empty: expected s3://bucket/prefix, file:///path or a path")
     parsed = urlparse(uri)
@@ -141,9 +142,9 @@ def retry(fn: Callable[[], T], *, what: str, attempts: int = S3_MAX_ATTEMPTS, ba
     raise AssertionError("unreachable")
 
 
-def join(uri: str, *parts: str) -> str:
-    """Join path parts onto a URI with ``/``."""
-    out = uri.rstrip("/")
+def join(uri: str | os.PathLike, *parts: str) -> str:
+    """Join path parts onto a URI (or a ``pathlib`` path) with ``/``."""
+    out = os.fspath(uri).rstrip("/")
     for part in parts:
         out = f"{out}/{part.strip('/')}"
     return out

@@ -12,30 +12,13 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from facesynth import storage
-
-FLIP_FUSIONS = ("sum", "norm_weighted")
-CHANNEL_ORDERS = ("RGB", "BGR")
-
-
-def _input_hw(input_size: int | Sequence[int]) -> tuple[int, int]:
-    hw = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-    if len(hw) != 2 or min(hw) < 1:
-        raise ValueError(f"input_size={input_size!r}: expected a positive int or (height, width)")
-    return int(hw[0]), int(hw[1])
-
-
-def _triple(name: str, values: Sequence[float], positive: bool) -> list[float]:
-    out = [float(v) for v in values]
-    if len(out) != 3 or (positive and min(out) <= 0):
-        raise ValueError(f"{name}={values!r}: expected 3 per-channel {'positive ' if positive else ''}values")
-    return out
+from facesynth.face_model import ModelSpec
 
 
 def export_embedder(
@@ -48,23 +31,24 @@ def export_embedder(
     mean: Sequence[float],
     std: Sequence[float],
     channel_order: str = "RGB",
-) -> None:
-    """Write ``model.pt`` + ``model.json`` for ``backbone`` (left unchanged) under ``out_uri``."""
-    height, width = _input_hw(input_size)
-    spec = {
-        "format": "torchscript",
-        "file": "model.pt",
-        "input_size": [height, width],
-        "mean": _triple("mean", mean, positive=False),
-        "std": _triple("std", std, positive=True),
-        "channel_order": channel_order,
-        "embedding_dim": embedding_dim,
-        "flip_fusion": flip_fusion,
-    }
-    if flip_fusion not in FLIP_FUSIONS:
-        raise ValueError(f"flip_fusion={flip_fusion!r}: expected one of {FLIP_FUSIONS}")
-    if channel_order not in CHANNEL_ORDERS:
-        raise ValueError(f"channel_order={channel_order!r}: expected one of {CHANNEL_ORDERS}")
+) -> ModelSpec:
+    """Write ``model.pt`` + ``model.json`` for ``backbone`` (left unchanged) under ``out_uri``.
+
+    ``input_size`` is one side of a square or ``(height, width)``; ``flip_fusion`` and
+    ``channel_order`` take the values of ``facesynth.face_model.FLIP_FUSIONS`` / ``CHANNEL_ORDERS``.
+    Returns the written spec.
+    """
+    spec = ModelSpec.build(
+        format="torchscript",
+        file="model.pt",
+        input_size=(input_size, input_size) if isinstance(input_size, int) else input_size,
+        mean=mean,
+        std=std,
+        channel_order=channel_order,
+        embedding_dim=embedding_dim,
+        flip_fusion=flip_fusion,
+    )
+    height, width = spec.input_size
     model = copy.deepcopy(backbone).to(device="cpu", dtype=torch.float32).eval()
     example = torch.randn(2, 3, height, width)
     with torch.no_grad():
@@ -77,5 +61,6 @@ def export_embedder(
         traced = torch.jit.trace(model, example)
     buffer = io.BytesIO()
     torch.jit.save(traced, buffer)
-    storage.write_bytes(storage.join(out_uri, "model.pt"), buffer.getvalue())
-    storage.write_bytes(storage.join(out_uri, "model.json"), json.dumps(spec, indent=2).encode())
+    storage.write_bytes(storage.join(out_uri, spec.file), buffer.getvalue())
+    storage.write_bytes(storage.join(out_uri, "model.json"), spec.model_dump_json(indent=2).encode())
+    return spec

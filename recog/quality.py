@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from recog.verification import l2_normalize
+from facesynth.face_model import l2_normalize
 
 LPIPS_BACKBONES = {"alex": "AlexNet_Weights", "vgg": "VGG16_Weights", "squeeze": "SqueezeNet1_1_Weights"}
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from facesynth import storage
-from recog.verification import l2_normalize
+from facesynth.face_model import l2_normalize
 
 FMR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 

@@ -2,7 +2,7 @@
 
 Protocol (same numbers as insightface on the same embeddings):
 
-- an image's embedding is the flip-fused embedding: model outputs of the image and of its
+- an image's embedding is the flip-fused embedding of ``facesynth.face_model.embed_images``: model outputs of the image and of its
   horizontal mirror are summed and L2-normalised (``flip_fusion="sum"``), or fused with AdaFace's
   norm weighting (``"norm_weighted"``);
 - the distance of a pair is the squared L2 distance of the normalised embeddings (0..4);
@@ -21,18 +21,16 @@ division insightface performs, so accuracies agree bit for bit.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-import torch
+
+from facesynth.face_model import EmbeddedImages, check_images, load_face_model
 
 ACC_THRESHOLDS = np.arange(0, 4, 0.01)
 VAL_THRESHOLDS = np.arange(0, 4, 0.001)
-FLIP_FUSIONS = ("sum", "norm_weighted")
-CHANNEL_ORDERS = ("RGB", "BGR")
-
-EmbedFn = Callable[[torch.Tensor], "torch.Tensor | np.ndarray"]
 
 
 @dataclass(frozen=True)
@@ -50,104 +48,6 @@ class VerificationResult:
     fpr: np.ndarray
     xnorm: float  # mean norm of the raw model outputs (nan when not measured)
     n_pairs: int
-
-
-@dataclass(frozen=True)
-class EmbeddedImages:
-    """Flip-fused, L2-normalised embeddings (row i = image i) and insightface's XNorm."""
-
-    embeddings: np.ndarray
-    xnorm: float
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows divided by their L2 norm (zero rows stay zero), computed as sklearn's ``normalize``."""
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
-    norms[norms == 0.0] = 1.0
-    return x / norms[:, np.newaxis]
-
-
-def fuse_flip(emb: np.ndarray, emb_flip: np.ndarray, mode: str = "sum") -> np.ndarray:
-    """Fuse embeddings of images and their mirrors into L2-normalised rows.
-
-    ``sum`` (insightface): normalise(emb + emb_flip). ``norm_weighted`` (AdaFace
-    ``fuse_features_with_norm``): each unit feature weighted by its own norm, summed, normalised.
-    """
-    if emb.shape != emb_flip.shape or emb.ndim != 2:
-        raise ValueError(
-            f"fuse_flip: emb {emb.shape} and emb_flip {emb_flip.shape} must be equal (N, D) arrays"
-        )
-    if mode == "sum":
-        return l2_normalize(emb + emb_flip)
-    if mode == "norm_weighted":
-        norms = np.linalg.norm(emb, axis=1, keepdims=True)
-        norms_flip = np.linalg.norm(emb_flip, axis=1, keepdims=True)
-        unit, unit_flip = emb / np.maximum(norms, 1e-12), emb_flip / np.maximum(norms_flip, 1e-12)
-        return l2_normalize(unit * norms + unit_flip * norms_flip)
-    raise ValueError(f"fuse_flip: mode={mode!r}, expected one of {FLIP_FUSIONS}")
-
-
-def _check_images(images: np.ndarray) -> None:
-    if (
-        not isinstance(images, np.ndarray)
-        or images.dtype != np.uint8
-        or images.ndim != 4
-        or images.shape[3] != 3
-        or len(images) == 0
-    ):
-        shape = getattr(images, "shape", None)
-        dtype = getattr(images, "dtype", type(images).__name__)
-        raise ValueError(
-            f"images: got shape {shape} dtype {dtype}, expected a non-empty uint8 array (N, H, W, 3) in RGB"
-        )
-
-
-def embed_pairs(
-    embed_fn: EmbedFn,
-    images: np.ndarray,
-    batch_size: int = 256,
-    flip: bool = True,
-    *,
-    mean: Sequence[float] = (0.5, 0.5, 0.5),
-    std: Sequence[float] = (0.5, 0.5, 0.5),
-    channel_order: str = "RGB",
-    flip_fusion: str = "sum",
-) -> EmbeddedImages:
-    """Embed RGB uint8 NHWC images (pairs consecutive) as insightface's verification does.
-
-    Each batch becomes float NCHW ``((x / 255) - mean) / std`` in ``channel_order`` and goes through
-    ``embed_fn``; with ``flip`` the mirrored batch too, fused by ``flip_fusion``. XNorm is the mean
-    norm of all raw outputs (originals and mirrors).
-    """
-    _check_images(images)
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: expected >= 1")
-    if channel_order not in CHANNEL_ORDERS:
-        raise ValueError(f"channel_order={channel_order!r}: expected one of {CHANNEL_ORDERS}")
-    if flip_fusion not in FLIP_FUSIONS:
-        raise ValueError(f"flip_fusion={flip_fusion!r}: expected one of {FLIP_FUSIONS}")
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-
-    def run(batch: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2)
-        if channel_order == "BGR":
-            x = x.flip(1)
-        out = embed_fn(((x / 255) - mean_t) / std_t)
-        return (
-            out.detach().cpu().float().numpy()
-            if isinstance(out, torch.Tensor)
-            else np.asarray(out, np.float32)
-        )
-
-    views = [images, images[:, :, ::-1]] if flip else [images]
-    raw = [
-        np.concatenate([run(view[i : i + batch_size]) for i in range(0, len(images), batch_size)])
-        for view in views
-    ]
-    xnorm = float(np.mean(np.linalg.norm(np.concatenate(raw), axis=1)))
-    embeddings = fuse_flip(raw[0], raw[1], flip_fusion) if flip else l2_normalize(raw[0])
-    return EmbeddedImages(embeddings=embeddings, xnorm=xnorm)
 
 
 def fold_bounds(n: int, nrof_folds: int) -> list[tuple[int, int]]:
@@ -274,10 +174,8 @@ def verify_embeddings(
 class _EmbedWorker:
     """Ray actor body: loads the exported model once and embeds the chunks it is sent."""
 
-    def __init__(self, model_uri: str, device: str):
-        from recog.face_model import load_face_model
-
-        self.embedder = load_face_model(model_uri, device=device)
+    def __init__(self, model_uri: str, device: str, overrides: Mapping[str, Any] | None):
+        self.embedder = load_face_model(model_uri, device=device, overrides=overrides)
 
     def embed(self, images: np.ndarray, batch_size: int, flip: bool) -> EmbeddedImages:
         return self.embedder.embed_set(images, batch_size=batch_size, flip=flip)
@@ -290,21 +188,23 @@ def embed_with_ray(
     batch_size: int = 256,
     num_gpus_per_worker: float = 0,
     flip: bool = True,
+    overrides: Mapping[str, Any] | None = None,
 ) -> EmbeddedImages:
     """Embed ``images`` with the exported model at ``model_dir`` on ``num_workers`` Ray actors.
 
     Images are cut into contiguous chunks, one per actor, and the results are concatenated in order.
-    Actors run on CUDA when given GPUs, else on CPU.
+    Actors run on CUDA when given GPUs, else on CPU. ``overrides`` replace ``model.json`` fields
+    (see ``facesynth.face_model.read_spec``).
     """
     import ray
 
-    _check_images(images)
+    check_images(images)
     if num_workers < 1:
         raise ValueError(f"num_workers={num_workers}: expected >= 1")
     device = "cuda" if num_gpus_per_worker > 0 else "cpu"
     actor_cls = ray.remote(num_cpus=1, num_gpus=num_gpus_per_worker)(_EmbedWorker)
     chunks = [c for c in np.array_split(images, num_workers) if len(c)]
-    actors = [actor_cls.remote(model_dir, device) for _ in chunks]
+    actors = [actor_cls.remote(model_dir, device, overrides) for _ in chunks]
     try:
         parts = ray.get([a.embed.remote(c, batch_size, flip) for a, c in zip(actors, chunks, strict=True)])
     finally:

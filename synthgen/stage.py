@@ -261,3 +261,30 @@ def run_plain(units: Iterable[shards.WorkUnit], factory: Callable[[], Generator]
             committer.add(write_unit(dataset_uri, unit_row, cfg))
     committer.close()
     return StageResult(before, committer.done, len(units), committer.images, time.perf_counter() - start)
+
+
+class UnitPlan(StrictModel):
+    """Which identities x samples a job generates, cut into deterministic work units."""
+
+    count: int = Field(ge=1, description="number of identities")
+    samples_per_identity: int = Field(ge=1)
+    per_unit: int = Field(8, ge=1, description="identities per work unit (one shard each)")
+    offset: int = Field(0, ge=0, description="first identity id (keep train and benchmark ids disjoint)")
+
+    def units(self) -> list[shards.WorkUnit]:
+        return shards.plan_units(self.count, self.samples_per_identity, self.per_unit, self.offset)
+
+
+def generate_dataset(plan: UnitPlan, factory: Callable[[], Generator], output: str, *, base_seed: int,
+                     stage: StageConfig, resolved_config, title: str, use_ray: bool = True) -> StageResult:
+    """Run a generation job end to end: resolved config, generation (resumable), cleanup, ``card.md``."""
+    from facesynth.config import save_resolved
+
+    save_resolved(resolved_config, output)
+    run = run_ray if use_ray else run_plain
+    result = run(plan.units(), factory, output, base_seed=base_seed, cfg=stage)
+    stray = shards.remove_uncommitted(output)
+    if stray:
+        log.info("removed %d uncommitted leftovers of earlier runs", len(stray))
+    shards.write_card(output, resolved_config.model_dump(mode="json"), title=title)
+    return result

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from facesynth import storage
+from facesynth.face_model import load_face_model, read_spec
 from recog.export import export_embedder
-from recog.face_model import load_face_model, read_spec
 from recog.verification import embed_with_ray
 
 torch.set_num_threads(1)
@@ -96,6 +96,20 @@ def test_bgr_norm_weighted_and_custom_normalisation(tmp_path):
     assert np.abs(rgb - expected).max() > 1e-3
 
 
+def test_overrides_replace_model_json_fields(exported):
+    """An AdaFace checkpoint exported with RGB/sum metadata, evaluated as BGR + norm_weighted."""
+    net, uri = exported
+    images = _images(4, seed=2)
+    overrides = {"channel_order": "BGR", "flip_fusion": "norm_weighted"}
+    embedder = load_face_model(uri, overrides=overrides)
+    assert (embedder.spec.channel_order, embedder.spec.flip_fusion) == ("BGR", "norm_weighted")
+    expected, _ = _expected(net, images, 0.5, 0.5, bgr=True, fusion="norm_weighted")
+    np.testing.assert_allclose(embedder.embed(images), expected, atol=1e-5)
+    assert read_spec(uri).channel_order == "RGB"  # the file itself is untouched
+    with pytest.raises(ValueError, match="flip_fusion"):
+        read_spec(uri, {"flip_fusion": "mean"})
+
+
 def test_loads_from_s3(exported, s3_bucket):
     _, local = exported
     remote = storage.join(s3_bucket, "models", "tiny")
@@ -167,3 +181,9 @@ def test_embed_with_ray_keeps_order(exported, ray_local):
     spread = embed_with_ray(uri, images, num_workers=2, batch_size=4)
     np.testing.assert_allclose(spread.embeddings, local.embeddings, atol=1e-6)
     assert spread.xnorm == pytest.approx(local.xnorm, rel=1e-6)
+    overrides = {"channel_order": "BGR"}
+    bgr = embed_with_ray(uri, images, num_workers=2, batch_size=4, overrides=overrides)
+    np.testing.assert_allclose(
+        bgr.embeddings, load_face_model(uri, overrides=overrides).embed(images), atol=1e-6
+    )
+    assert np.abs(bgr.embeddings - local.embeddings).max() > 1e-3

@@ -9,14 +9,8 @@ from scipy.interpolate import BSpline
 from sklearn.model_selection import KFold
 from sklearn.preprocessing import normalize
 
-from recog.verification import (
-    _far_threshold,
-    embed_pairs,
-    fold_bounds,
-    fuse_flip,
-    l2_normalize,
-    verify_embeddings,
-)
+from facesynth.face_model import embed_images, fuse_flip, l2_normalize
+from recog.verification import _far_threshold, fold_bounds, verify_embeddings
 
 torch.set_num_threads(1)
 
@@ -267,10 +261,10 @@ class _Recorder:
         return x.reshape(len(x), -1) @ self.weight
 
 
-def test_embed_pairs_preprocessing_flip_and_batches():
+def test_embed_images_preprocessing_flip_and_batches():
     images = np.random.default_rng(2).integers(0, 256, size=(7, 6, 5, 3), dtype=np.uint8)
     model = _Recorder()
-    out = embed_pairs(model, images, batch_size=3)
+    out = embed_images(model, images, batch_size=3)
     x = (images.astype(np.float32) / 255 - 0.5) / 0.5
     nchw, nchw_flip = x.transpose(0, 3, 1, 2), x[:, :, ::-1].transpose(0, 3, 1, 2)
     w = model.weight.numpy().astype(np.float64)
@@ -284,16 +278,16 @@ def test_embed_pairs_preprocessing_flip_and_batches():
     assert (
         model.inputs[0].dtype == torch.float32 and model.inputs[0].min() >= -1 and model.inputs[0].max() <= 1
     )
-    np.testing.assert_array_equal(embed_pairs(model, images, batch_size=100).embeddings, out.embeddings)
+    np.testing.assert_array_equal(embed_images(model, images, batch_size=100).embeddings, out.embeddings)
 
-    no_flip = embed_pairs(model, images, flip=False)
+    no_flip = embed_images(model, images, flip=False)
     np.testing.assert_allclose(no_flip.embeddings, raw / np.linalg.norm(raw, axis=1)[:, None], atol=1e-5)
 
 
-def test_embed_pairs_bgr_and_custom_normalisation():
+def test_embed_images_bgr_and_custom_normalisation():
     images = np.random.default_rng(3).integers(0, 256, size=(2, 6, 5, 3), dtype=np.uint8)
     model = _Recorder()
-    embed_pairs(model, images, flip=False, mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 2.0), channel_order="BGR")
+    embed_images(model, images, flip=False, mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 2.0), channel_order="BGR")
     bgr = images[..., ::-1].astype(np.float32) / 255
     expected = (bgr - np.array([0.1, 0.2, 0.3], np.float32)) / np.array([0.5, 0.25, 2.0], np.float32)
     np.testing.assert_allclose(model.inputs[0].numpy(), expected.transpose(0, 3, 1, 2), atol=1e-6)
@@ -312,6 +306,6 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="fold 0"):
         verify_embeddings(emb1, emb2, lopsided)
     with pytest.raises(ValueError, match="uint8"):
-        embed_pairs(_Recorder(), np.zeros((2, 6, 5, 3), np.float32))
+        embed_images(_Recorder(), np.zeros((2, 6, 5, 3), np.float32))
     with pytest.raises(ValueError, match="channel_order='RBG'"):
-        embed_pairs(_Recorder(), np.zeros((2, 6, 5, 3), np.uint8), channel_order="RBG")
+        embed_images(_Recorder(), np.zeros((2, 6, 5, 3), np.uint8), channel_order="RBG")

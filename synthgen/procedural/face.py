@@ -22,6 +22,7 @@ from synthgen.procedural.raster import (
     paint,
     per_sample,
     ray_ellipsoid,
+    rgb,
     rotation,
 )
 from synthgen.procedural.styles import Style
@@ -110,7 +111,7 @@ class _Scene:
         self.hair_map = self.hair
         if style.hair_strands:
             streaks = textures.crop(textures.noise_banks(size)["streaks"], self.offsets[:, 4:6], size)
-            self.hair_map = self.hair * (1.0 + style.hair_strands * 0.5 * streaks)[..., None]
+            self.hair_map = self.hair * (1.0 + style.hair_strands * 0.5 * streaks)[:, None]
 
     # -- colours and light ------------------------------------------------------------------------------
     def _skin(self) -> np.ndarray:
@@ -122,19 +123,20 @@ class _Scene:
         return skin * (1.0 - 0.12 * self.age[:, None]) + self.age[:, None] * np.array([0.0, 0.0, 0.02])
 
     def _tone(self, rgb: np.ndarray) -> np.ndarray:
-        """Apply the style's saturation to (N, 3) colours; return (N, 1, 1, 3) float32."""
+        """Apply the style's saturation to (N, 3) colours; return (N, 3, 1, 1) float32."""
         mean = rgb.mean(-1, keepdims=True)
         return per_sample(np.clip(mean + self.style.saturation * (rgb - mean), 0.0, 1.0))
 
     def _lit(self, albedo, lam) -> np.ndarray:
         """``albedo`` under the sample's ambient + diffuse light (``lam`` a map or per-sample scalar)."""
-        return albedo * (self.ambient_rgb + np.asarray(lam, np.float32)[..., None] * self.light_rgb)
+        lam = np.asarray(lam, np.float32)
+        return albedo * (self.ambient_rgb + (lam[:, None] if lam.ndim else lam) * self.light_rgb)
 
     def _shade(self, nu, nv, nw, rot, with_specular=False):
         """Diffuse (and specular) terms for object-space normals ``(nu, nv, nw)`` of a body rotated by ``rot``."""
         lo = per_sample(np.einsum("nji,nj->ni", rot, self.light))
         norm = np.sqrt(nu * nu + nv * nv + nw * nw) + 1e-6
-        lam = (nu * lo[..., 0] + nv * lo[..., 1] + nw * lo[..., 2]) / norm
+        lam = (nu * lo[:, 0] + nv * lo[:, 1] + nw * lo[:, 2]) / norm
         st = self.style
         if st.toon_levels:
             lam = np.ceil(np.clip(lam, 0.0, 1.0) * st.toon_levels) / st.toon_levels
@@ -143,7 +145,7 @@ class _Scene:
         if not (with_specular and st.specular):
             return lam, None
         ho = per_sample(np.einsum("nji,nj->ni", rot, self.half))
-        spec = np.clip((nu * ho[..., 0] + nv * ho[..., 1] + nw * ho[..., 2]) / norm, 0.0, 1.0)
+        spec = np.clip((nu * ho[:, 0] + nv * ho[:, 1] + nw * ho[:, 2]) / norm, 0.0, 1.0)
         for _ in range(5):  # spec ** 32
             spec *= spec
         return lam, spec
@@ -161,14 +163,14 @@ class _Scene:
         if (kind == 2).any():
             smooth = textures.crop(textures.noise_banks(size)["smooth"], self.offsets[:, 0:2], size)
             t = t + (0.5 + 0.3 * smooth) * f(kind == 2)
-        return c0 + t[..., None] * (c1 - c0)
+        return c0 + t[:, None] * (c1 - c0)
 
     def body(self, canvas) -> None:
         f, b = per_sample, per_sample(self.b)
         nx = self.x + f(0.12 * np.sin(self.yaw))
         clothes = ellipse(nx, self.y - (b + 1.05), 2.1, 0.95, self.gain)
         paint(canvas, clothes, self._lit(self._tone(0.1 + 0.8 * self.sc["clothing_colour"]), 0.7))
-        neck = coverage(0.44 - np.abs(nx), self.gain) * coverage(self.y - 0.35 * b, self.gain)
+        neck = coverage(0.55 - np.abs(nx), self.gain) * coverage(self.y - 0.35 * b, self.gain)
         paint(canvas, neck, self._lit(self.skin * 0.72, 0.55))
 
     def hair_shell(self, canvas) -> np.ndarray:
@@ -185,7 +187,7 @@ class _Scene:
         shell = coverage(1.0 - q, 0.5 * rx * self.gain) * coverage(f(SHELL_CUT[st]) * b - self.y, self.gain)
         shell *= f(st > 0)
         lo = per_sample(self.light)
-        lam = np.clip(hx * lo[..., 0] + hy * lo[..., 1] + np.sqrt(np.maximum(1.0 - q, 0.0)) * lo[..., 2], 0, 1)
+        lam = np.clip(hx * lo[:, 0] + hy * lo[:, 1] + np.sqrt(np.maximum(1.0 - q, 0.0)) * lo[:, 2], 0, 1)
         paint(canvas, shell, self._lit(self.hair_map * 0.85, lam))
         return shell
 
@@ -194,10 +196,12 @@ class _Scene:
         radii = np.stack([np.ones(self.n), self.b, self.c], -1)
         inside, z, (u, v, w) = ray_ellipsoid(self.xh, self.y, self.rot, radii)
         cover = coverage(inside, 0.5 * self.gain)
+        if self.style.falloff:  # darker towards the silhouette, where the surface turns away
+            lum_edge = 1.0 - self.style.falloff * (1.0 - np.sqrt(np.clip(inside, 0.0, 1.0)))
         head = _Head(cover, np.where(inside > 0, z, np.float32(-1e3)), u, v, w, np.where(w > -0.05, u, 9.0))
-        albedo = np.empty((self.n, self.size, self.size, 3), np.float32)
+        albedo = np.empty((self.n, 3, self.size, self.size), np.float32)
         albedo[:] = self.skin
-        lum = np.ones_like(inside)
+        lum = lum_edge if self.style.falloff else np.ones_like(inside)
         self._skin_texture(head, albedo, lum)
         if (ic["beard_style"] > 0).any():
             self._beard(head, albedo)
@@ -210,10 +214,10 @@ class _Scene:
         paint(albedo, scalp, self.hair_map)
         b, c = f(self.b), f(self.c)
         lam, spec = self._shade(u, v / (b * b), w / (c * c), self.rot, with_specular=True)
-        rgb = self._lit(albedo * lum[..., None], lam)
+        colour = self._lit(albedo * lum[:, None], lam)
         if spec is not None:
-            rgb += (spec * (1.0 - scalp) * self.style.specular)[..., None] * self.light_rgb
-        paint(canvas, cover, rgb)
+            colour += (spec * (1.0 - scalp) * self.style.specular)[:, None] * self.light_rgb
+        paint(canvas, cover, colour)
         return head
 
     def _skin_texture(self, h: _Head, albedo, lum) -> None:
@@ -226,7 +230,7 @@ class _Scene:
         if st.blush:
             q = ellipse_q(np.abs(h.uf) - 0.5, h.v - f(ic["nose_v"] * self.b + 0.08), 0.3, 0.22)
             amount = np.clip(1.0 - q, 0.0, 1.0) * f(st.blush * 0.45 * ic["blush"])
-            paint(albedo, amount, self.skin * np.array([1.08, 0.72, 0.72], np.float32))
+            paint(albedo, amount, self.skin * rgb([1.08, 0.72, 0.72]))
         spots = ic["freckles"] + np.clip(self.age - 0.6, 0.0, 1.0)
         if (spots > 0).any():
             field = textures.crop(banks["spots"], self.offsets[:, 6:8], size)
@@ -247,7 +251,7 @@ class _Scene:
         mv, lip = f(ic["mouth_v"] * self.b), f(ic["lip_thick"])
         top = mv - 0.16
         top = top - (top - f(ic["ear_v"] * self.b + 0.05)) * np.clip((au - 0.3) / 0.6, 0.0, 1.0)
-        jaw = coverage(h.v - top, g) * coverage(0.98 - au, g)
+        jaw = coverage(h.v - top, g * self.style.hair_edge) * coverage(0.98 - au, g)
         chin = jaw * coverage(0.3 - au, g)
         moustache = coverage(h.v - (mv - lip - 0.09), g) * coverage(mv - lip * 0.5 - h.v, g)
         moustache *= coverage(f(ic["mouth_w"] * 1.15) - au, g)
@@ -290,19 +294,19 @@ class _Scene:
         ct, st = f(np.cos(ic["eye_tilt"])), f(np.sin(ic["eye_tilt"]))
         tu, tv = side * ct + ev * st, ev * ct - side * st
         height = f(ic["eye_w"] * ic["eye_h"] * (1.0 - sc["eye_closure"]) + 0.004)
-        paint(albedo, ellipse(tu, tv, width + 0.022, height + 0.022, g), np.float32([0.1, 0.07, 0.06]))
+        paint(albedo, ellipse(tu, tv, width + 0.022, height + 0.022, g), rgb([0.1, 0.07, 0.06]))
         sclera = ellipse(tu, tv, width, height, g)
-        paint(albedo, sclera, np.float32([0.93, 0.91, 0.88]))
+        paint(albedo, sclera, rgb([0.93, 0.91, 0.88]))
         radius = f(ic["iris_r"] * ic["eye_w"])
         iu = h.uf - np.sign(h.uf) * sep - f(0.35 * sc["gaze_u"] * ic["eye_w"])
         iv = ev - f(0.4 * sc["gaze_v"] * ic["eye_w"] * ic["eye_h"])
         q = (iu * iu + iv * iv) / (radius * radius)
         iris = coverage(1.0 - q, 0.5 * radius * g) * sclera
         paint(albedo, iris, self._tone(_IRIS_RGB[ic["iris_colour"]]))
-        paint(albedo, coverage(0.16 - q, 1.25 * radius * g) * sclera, np.float32([0.02, 0.02, 0.02]))
+        paint(albedo, coverage(0.16 - q, 1.25 * radius * g) * sclera, rgb([0.02, 0.02, 0.02]))
         if self.style.specular:
             glint = ellipse(iu + 0.35 * radius, iv + 0.35 * radius, 0.3 * radius, 0.3 * radius, g) * iris
-            paint(albedo, glint, np.float32([1.0, 1.0, 1.0]))
+            paint(albedo, glint, rgb([1.0, 1.0, 1.0]))
 
     def _mouth(self, h: _Head, albedo) -> None:
         ic, sc, f, g = self.ic, self.sc, per_sample, self.gain
@@ -310,12 +314,12 @@ class _Scene:
         t = h.uf / width
         mv = h.v - f(ic["mouth_v"] * self.b) + f(0.06 * sc["smile"]) * t * t
         gap = f(0.075 * sc["mouth_open"])
-        lip = self.skin * np.float32([0.82, 0.55, 0.55]) + f(ic["lip_tone"][:, None] * [0.12, 0.024, 0.036])
+        lip = self.skin * rgb([0.82, 0.55, 0.55]) + f(ic["lip_tone"][:, None] * [0.12, 0.024, 0.036])
         paint(albedo, ellipse(h.uf, mv, width, thick + gap, g), lip)
         opening = ellipse(h.uf, mv, width * 0.85, gap + 0.005, g)
-        paint(albedo, opening, np.float32([0.12, 0.04, 0.04]))
+        paint(albedo, opening, rgb([0.12, 0.04, 0.04]))
         teeth = opening * coverage(-(mv + 0.35 * gap), g) * f(sc["mouth_open"] > 0)
-        paint(albedo, teeth, np.float32([0.9, 0.88, 0.82]))
+        paint(albedo, teeth, rgb([0.9, 0.88, 0.82]))
 
     def _scalp(self, h: _Head) -> np.ndarray:
         """Coverage of hair on the head surface: above the hairline, the temples and the back."""
@@ -325,9 +329,9 @@ class _Scene:
         side_drop = f((ic["ear_v"] - ic["hairline"]) * self.b - 0.12)
         line = f(ic["hairline"]) * b - f(ic["temple_recess"]) * u2 + f(0.05 * ic["hair_part"]) * h.u
         line += side_drop * np.clip((np.abs(h.u) - 0.74) * 4.0, 0.0, 1.0)
-        line += np.clip(-3.0 * h.w, 0.0, 1.0) * (2.5 * b)
+        line += np.clip(3.0 * (0.05 - h.w - 0.4 * h.v / b), 0.0, 1.0) * (2.5 * b)  # back of the head
         line += f(ic["fringe"]) * b * np.clip(1.0 - u2 * (1 / 0.3), 0.0, 1.0)
-        return coverage(line - h.v, self.gain) * f(SCALP_OPACITY[self.hair_style])
+        return coverage(line - h.v, self.gain * self.style.hair_edge) * f(SCALP_OPACITY[self.hair_style])
 
     def nose(self, canvas, h: _Head) -> None:
         ic, f = self.ic, per_sample
@@ -340,14 +344,12 @@ class _Scene:
         )
         centre = np.einsum("nij,nj->ni", self.rot, centre_obj)
         inside, dz, (nu, nv, nw) = ray_ellipsoid(self.xh - f(centre[:, 0]), self.y - f(centre[:, 1]), rot, radii)
-        cover = coverage(inside, f(0.5 * ic["nose_w"]) * self.gain) * (dz + f(centre[:, 2]) > h.z)
+        cover = coverage(inside, f(0.5 * ic["nose_w"]) * self.gain * self.style.hair_edge) * (dz + f(centre[:, 2]) > h.z)
         nw2, nl2, nd2 = (f(r * r) for r in radii.T)
         lam, _ = self._shade(nu / nw2, nv / nl2, nw / nd2, rot)
         lateral = (np.abs(nu) / f(ic["nose_w"]) - 0.5) / 0.25
         nostril = coverage(1.0 - lateral * lateral - ((nv / f(ic["nose_len"]) - 0.62) / 0.2) ** 2, 0.1 * self.gain)
-        skin = self.skin * np.float32([1.0 + 0.15 * self.style.blush, 1.0, 1.0])
-        rgb = self._lit(skin, lam * (1.0 - 0.8 * nostril))
-        paint(canvas, cover, rgb)
+        paint(canvas, cover, self._lit(self.skin, lam * (1.0 - 0.8 * nostril)))
 
     def ears(self, canvas, h: _Head, shell) -> None:
         ic, f = self.ic, per_sample
@@ -394,11 +396,11 @@ class _Scene:
         dx, dy = self.x - f(sc["hand_x"]), self.y - f(sc["hand_y"] * self.b)
         cover = ellipse(dx, dy, 0.42, 0.55, self.gain) * f(sc["hand"])
         lo = per_sample(self.light)
-        lam = np.clip(0.55 + 0.4 * (dx * lo[..., 0] + dy * lo[..., 1]), 0.0, 1.0)
+        lam = np.clip(0.55 + 0.4 * (dx * lo[:, 0] + dy * lo[:, 1]), 0.0, 1.0)
         paint(canvas, cover, self._lit(self.skin * 0.95, lam))
 
     def finish(self, canvas) -> np.ndarray:
+        """Vignetting, then the planar canvas as (N, H, W, 3)."""
         if self.style.vignette:
-            r2 = self.grid[None, None, :] ** 2 + self.grid[:, None] ** 2
-            canvas *= (1.0 - 0.5 * self.style.vignette * r2)[..., None]
-        return canvas
+            canvas *= 1.0 - 0.5 * self.style.vignette * (self.grid[None, :] ** 2 + self.grid[:, None] ** 2)
+        return np.ascontiguousarray(canvas.transpose(0, 2, 3, 1))

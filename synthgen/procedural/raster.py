@@ -6,9 +6,17 @@ import numpy as np
 
 
 def per_sample(values) -> np.ndarray:
-    """(N,) values -> float32 (N, 1, 1), or (N, 3) colours -> (N, 1, 1, 3), to broadcast over images."""
+    """(N,) values -> float32 (N, 1, 1); (N, K) vectors or colours -> (N, K, 1, 1), to broadcast over images.
+
+    Images are planar, (N, 3, H, W), so that every inner loop runs over contiguous pixels.
+    """
     arr = np.asarray(values, dtype=np.float32)
-    return arr.reshape(arr.shape[0], 1, 1, *arr.shape[1:])
+    return arr.reshape(*arr.shape, 1, 1)
+
+
+def rgb(values) -> np.ndarray:
+    """A constant colour as float32 (3, 1, 1)."""
+    return np.asarray(values, dtype=np.float32).reshape(3, 1, 1)
 
 
 def coverage(inside: np.ndarray, gain) -> np.ndarray:
@@ -39,9 +47,9 @@ def ellipse(du: np.ndarray, dv: np.ndarray, ru, rv, px_gain, shrink: float = 1.0
 
 
 def paint(canvas: np.ndarray, alpha: np.ndarray, colour: np.ndarray) -> None:
-    """Alpha-blend ``colour`` ((N,1,1,3) or (N,H,W,3)) over ``canvas`` in place."""
+    """Alpha-blend ``colour`` ((3,1,1), (N,3,1,1) or (N,3,H,W)) over the planar ``canvas`` in place."""
     delta = colour - canvas
-    delta *= alpha[..., None]
+    delta *= alpha[:, None]
     canvas += delta
 
 
@@ -67,15 +75,15 @@ def ray_ellipsoid(dx: np.ndarray, dy: np.ndarray, rot: np.ndarray, radii: np.nda
     edge), ``dz`` (depth of the front surface, towards the viewer) and the object coordinates ``(u, v, w)``.
     """
     m = rot @ (rot.transpose(0, 2, 1) / (radii[:, :, None] ** 2))  # R diag(1/r^2) R^T
-    m = per_sample(m.reshape(-1, 9))  # (N,1,1,9)
-    mxx, mxy, mxz, myy, myz, mzz = (m[..., i] for i in (0, 1, 2, 4, 5, 8))
+    m = per_sample(m.reshape(-1, 9))
+    mxx, mxy, mxz, myy, myz, mzz = (m[:, i] for i in (0, 1, 2, 4, 5, 8))
     b = mxz * dx + myz * dy
     c = mxx * dx * dx + (2 * mxy) * dx * dy + myy * dy * dy - 1.0
     inside = b * b / mzz - c
     root = np.sqrt(np.maximum(inside, 0.0))
     dz = root / np.sqrt(mzz) - b / mzz
     r = per_sample(rot.reshape(-1, 9))
-    u = r[..., 0] * dx + r[..., 3] * dy + r[..., 6] * dz
-    v = r[..., 1] * dx + r[..., 4] * dy + r[..., 7] * dz
-    w = r[..., 2] * dx + r[..., 5] * dy + r[..., 8] * dz
+    u = r[:, 0] * dx + r[:, 3] * dy + r[:, 6] * dz
+    v = r[:, 1] * dx + r[:, 4] * dy + r[:, 7] * dz
+    w = r[:, 2] * dx + r[:, 5] * dy + r[:, 8] * dz
     return inside, dz, (u, v, w)

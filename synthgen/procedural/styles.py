@@ -17,7 +17,9 @@ class Style:
     pores: float  # fine skin-texture noise
     blotch: float  # low-frequency skin-tone variation
     hair_strands: float  # streak texture on hair
-    blush: float  # red tint on cheeks and nose
+    blush: float  # red tint on cheeks
+    falloff: float  # darkening of the head towards its silhouette
+    hair_edge: float  # sharpness of hair, beard and nose edges relative to other shapes (< 1: softer)
     sensor_noise: float  # base sensor noise, grey levels (0..255), on top of the sampled noise
     vignette: float  # darkening at the corners
     saturation: float  # colour saturation multiplier
@@ -26,11 +28,11 @@ class Style:
 STYLES: dict[str, Style] = {
     "render": Style(
         name="render", edge_px=0.5, toon_levels=3, wrap=0.0, specular=0.0, pores=0.0, blotch=0.0,
-        hair_strands=0.0, blush=0.0, sensor_noise=0.0, vignette=0.0, saturation=1.25,
+        hair_strands=0.0, blush=0.0, falloff=0.0, hair_edge=1.0, sensor_noise=0.0, vignette=0.0, saturation=1.25,
     ),
     "photo": Style(
         name="photo", edge_px=1.1, toon_levels=0, wrap=0.45, specular=0.22, pores=0.03, blotch=0.05,
-        hair_strands=0.4, blush=0.5, sensor_noise=2.5, vignette=0.35, saturation=0.9,
+        hair_strands=0.4, blush=0.5, falloff=0.35, hair_edge=0.3, sensor_noise=2.5, vignette=0.35, saturation=0.9,
     ),
 }
 

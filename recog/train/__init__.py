@@ -1,0 +1,1 @@
+"""Face-recognition training on Ray Train: ``train_fr(TrainConfig) -> TrainResult``."""
