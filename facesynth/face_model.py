@@ -225,6 +225,10 @@ def read_spec(model_uri: str, overrides: Mapping[str, Any] | None = None) -> Mod
     wants ``channel_order="BGR"`` and ``flip_fusion="norm_weighted"``).
     """
     uri = storage.join(model_uri, "model.json")
+    if not storage.exists(uri):
+        raise FileNotFoundError(
+            f"{uri}: no model.json; expected an exported model folder (model.json + the model file it names)"
+        )
     try:
         return ModelSpec.model_validate({**json.loads(storage.read_bytes(uri)), **(overrides or {})})
     except (json.JSONDecodeError, ValueError) as exc:

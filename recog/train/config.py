@@ -81,7 +81,8 @@ class DataConfig(StrictModel):
     )
     epoch_rows: int | None = Field(None, ge=1, description="rows per epoch (default: all sources' rows)")
     augment: AugmentList = Field(default_factory=default_augment)
-    shuffle: Literal["global", "local", "none"] = "local"
+    shuffle: Literal["local", "none"] = Field(
+        "local", description="local: permute each epoch's read chunks and the rows in each, plus a buffer")
     shuffle_buffer: int = Field(2048, ge=1, description="local shuffle buffer per worker, in rows")
     decode_batch: int = Field(64, ge=1, description="rows per decode+augment task batch")
     decode_cpus: float = Field(1.0, gt=0, description="CPUs per decode+augment task")
@@ -154,8 +155,6 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
-        if self.model.task == "closed_set" and self.scaling.num_workers > 1 and self.model.sample_rate < 1:
-            raise ValueError("model.sample_rate: Partial FC sampling does not apply to task=closed_set")
         bad = [m for m in self.optim.milestones if not 0 < m < self.train.steps]
         if bad:
             raise ValueError(f"optim.milestones={bad}: expected steps in (0, train.steps={self.train.steps})")

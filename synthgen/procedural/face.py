@@ -6,6 +6,9 @@ are head units around the head centre with roll removed (x right, y down, z towa
 the head has object coordinates ``(u, v, w)`` on the ellipsoid, so features move and foreshorten with yaw
 and pitch, and vanish when they turn away. The nose is a second ellipsoid and the ears are z-tested
 against the head, which gives profiles a nose and one ear.
+
+Images are planar float32 (N, 3, H, W). Small features are evaluated only inside the pixel box that their
+projected extent can reach in any sample of the chunk (views, so painting stays in place).
 """
 
 from __future__ import annotations
@@ -30,6 +33,11 @@ from synthgen.procedural.styles import Style
 FACE_RADIUS = 0.6  # head half-width at scale 1, in normalised image units (the image spans [-1, 1])
 FACE_DROP = -0.08  # head centre below the image centre, normalised units (eyes land at ~42% height)
 NOSE_TILT = 0.35  # radians: the nose ellipsoid leans so that its lower end sticks out
+BAND_MARGIN_PX = 2.0  # pixels added around feature boxes, beyond the widest anti-aliasing ramp
+# A 9 x 5 grid over each surface patch (u in [-1, 1], v in [0, 1] of the patch): dense enough that the
+# extremes of the patch's projection (where the surface turns away) fall within a fraction of a pixel.
+_PATCH_U = np.repeat(np.linspace(-1.0, 1.0, 9), 5)
+_PATCH_V = np.tile(np.linspace(0.0, 1.0, 5), 9)
 
 # Per hair style (bald, buzz, short, medium, long).
 SHELL_VOLUME = np.array([0.0, 0.2, 1.0, 1.2, 1.3])  # multiplies the identity's hair_volume
@@ -47,7 +55,7 @@ _IRIS_RGB = np.array(list(IRIS_COLOURS.values()))
 
 
 def render_chunk(ic: Columns, sc: Columns, style: Style, size: int) -> np.ndarray:
-    """Render identity columns ``ic`` under sample columns ``sc``: float32 RGB in [0, 1], (N, size, size, 3)."""
+    """Render identity columns ``ic`` under sample columns ``sc``: planar float32 RGB in [0, 1], (N, 3, S, S)."""
     s = _Scene(ic, sc, style, size)
     canvas = s.background()
     s.body(canvas)
@@ -64,11 +72,23 @@ def render_chunk(ic: Columns, sc: Columns, style: Style, size: int) -> np.ndarra
     return s.finish(canvas)
 
 
+Box = tuple[slice, slice]  # (rows, columns) of the image
+
+
+def _band(arr: np.ndarray, box: Box) -> np.ndarray:
+    """The ``box`` of a per-pixel array (..., H, W); axes of length 1 (per-sample values) pass through."""
+    rows, cols = box
+    return arr[..., rows if arr.shape[-2] > 1 else slice(None), cols if arr.shape[-1] > 1 else slice(None)]
+
+
 class _Head:
     """The head's ray hit: coverage, depth and object coordinates (``uf`` is ``u`` on the front only)."""
 
     def __init__(self, cover, z, u, v, w, uf):
         self.cover, self.z, self.u, self.v, self.w, self.uf = cover, z, u, v, w, uf
+
+    def band(self, box: Box) -> _Head:
+        return _Head(*(_band(a, box) for a in (self.cover, self.z, self.u, self.v, self.w, self.uf)))
 
 
 class _Scene:
@@ -80,13 +100,15 @@ class _Scene:
         self.yaw, pitch, roll = (np.radians(sc[k]) for k in ("yaw", "pitch", "roll"))
         self.rot = rotation(self.yaw, pitch).astype(np.float32)
         self.b, self.c = ic["head_aspect"], ic["head_depth"]
-        radius = FACE_RADIUS * sc["scale"]
-        self.gain = f(size * radius / (2.0 * style.edge_px))  # coverage gain per head unit
-        grid = (np.arange(size, dtype=np.float32) + 0.5) * (2.0 / size) - 1.0
-        self.grid = grid
-        gx = (grid[None, None, :] - f(2.0 * sc["shift_x"])) / f(radius)
-        gy = (grid[None, :, None] - f(FACE_DROP + 2.0 * sc["shift_y"])) / f(radius)
-        cr, sr = f(np.cos(roll)), f(np.sin(roll))
+        self.radius = FACE_RADIUS * sc["scale"]
+        self.centre = np.stack([2.0 * sc["shift_x"], FACE_DROP + 2.0 * sc["shift_y"]], -1)
+        self.cos_roll, self.sin_roll = np.cos(roll), np.sin(roll)
+        self.gain = f(size * self.radius / (2.0 * style.edge_px))  # coverage gain per head unit
+        self.margin_px = BAND_MARGIN_PX + style.edge_px / min(style.hair_edge, 1.0)  # + the widest edge ramp
+        self.grid = (np.arange(size, dtype=np.float32) + 0.5) * (2.0 / size) - 1.0
+        gx = (self.grid[None, None, :] - f(self.centre[:, 0])) / f(self.radius)
+        gy = (self.grid[None, :, None] - f(self.centre[:, 1])) / f(self.radius)
+        cr, sr = f(self.cos_roll), f(self.sin_roll)
         self.x = gx * cr + gy * sr
         self.y = gy * cr - gx * sr
         taper = 1.0 - f(ic["jaw_taper"]) * np.clip(self.y / f(self.b), 0.0, 1.0) ** 2
@@ -100,7 +122,9 @@ class _Scene:
         self.half = half / np.linalg.norm(half, axis=-1, keepdims=True)
         warm = sc["light_warmth"]
         one = np.ones_like(warm)
-        self.light_rgb = f(sc["light_intensity"][:, None] * np.stack([1 + 0.2 * warm, one, 1 - 0.2 * warm], -1))
+        self.light_rgb = f(
+            sc["light_intensity"][:, None] * np.stack([1 + 0.2 * warm, one, 1 - 0.2 * warm], -1)
+        )
         self.ambient_rgb = f(sc["ambient"][:, None] * np.stack([1 - 0.06 * warm, one, 1 + 0.08 * warm], -1))
 
         self.skin = self._tone(self._skin())
@@ -113,6 +137,64 @@ class _Scene:
             streaks = textures.crop(textures.noise_banks(size)["streaks"], self.offsets[:, 4:6], size)
             self.hair_map = self.hair * (1.0 + style.hair_strands * 0.5 * streaks)[:, None]
 
+    # -- pixel boxes -------------------------------------------------------------------------------------
+    def _boxes(self, points: np.ndarray, reach, tapered: bool = True) -> list[Box]:
+        """One pixel box per feature f: pixels within ``reach[:, f]`` head units of ``points[:, f]`` in any sample.
+
+        ``points``: view space, (N, F, K, 3); ``reach``: (N, F) or a scalar. ``tapered`` points are in the
+        jaw-tapered space of the head, which pulls pixels towards the centre line by down to ``1 - jaw_taper``.
+        """
+        x, y = points[..., 0], points[..., 1]
+        if tapered:
+            x = np.concatenate([x, x * (1.0 - self.ic["jaw_taper"])[:, None, None]], -1)
+            y = np.concatenate([y, y], -1)
+        cr, sr = self.cos_roll[:, None, None], self.sin_roll[:, None, None]
+        half = self.size / 2
+        scale = self.radius[:, None, None] * half
+        rows = (x * sr + y * cr) * scale + (self.centre[:, 1, None, None] + 1.0) * half - 0.5
+        cols = (x * cr - y * sr) * scale + (self.centre[:, 0, None, None] + 1.0) * half - 0.5
+        pad = np.broadcast_to(reach, x.shape[:2])[..., None] * scale + self.margin_px
+        ends = [np.floor((rows - pad).min((0, 2))), np.ceil((rows + pad).max((0, 2))) + 1]
+        ends += [np.floor((cols - pad).min((0, 2))), np.ceil((cols + pad).max((0, 2))) + 1]
+        r0, r1, c0, c1 = np.clip(ends, 0, self.size).astype(np.int64)
+        return [(slice(a, b), slice(c, d)) for a, b, c, d in zip(r0, r1, c0, c1)]
+
+    def _surface_boxes(self, patches: dict[str, tuple]) -> dict[str, Box]:
+        """Pixel boxes of head-surface patches ``name: (u_half, v_top, v_bottom)`` (per-sample or scalar)."""
+        zero = np.zeros(self.n)
+        spec = np.stack([np.stack(np.broadcast_arrays(*p, zero)[:3], -1) for p in patches.values()], 1)
+        u = spec[..., 0:1] * _PATCH_U
+        v = spec[..., 1:2] + (spec[..., 2:3] - spec[..., 1:2]) * _PATCH_V
+        w = self.c[:, None, None] * np.sqrt(np.maximum(1.0 - u * u - (v / self.b[:, None, None]) ** 2, 0.0))
+        points = np.einsum("nij,nfkj->nfki", self.rot, np.stack([u, v, w], -1))
+        return dict(zip(patches, self._boxes(points, 0.0)))
+
+    def _feature_patches(self) -> dict[str, tuple]:
+        """The head-surface patch ``(u_half, v_top, v_bottom)`` holding each painted feature, in every sample."""
+        ic, sc, b = self.ic, self.sc, self.b
+        eye_v, mouth_v, nose_v = ic["eye_v"] * b, ic["mouth_v"] * b, ic["nose_v"] * b
+        brow_v = eye_v - ic["brow_gap"] - 0.05 * sc["brow_raise"]
+        brow_top = brow_v - 0.07 * ic["brow_arch"] - ic["brow_thick"] - 0.05
+        lips = ic["lip_thick"] + 0.075 * sc["mouth_open"] + 0.06 * np.abs(sc["smile"]) + 0.01
+        frames = 0.72 * (ic["eye_w"] * 1.3 + 0.05) + 0.02  # half-height of the glasses' frames
+        patches = {
+            "blush": (0.8, nose_v + 0.08 - 0.22, nose_v + 0.08 + 0.22),
+            "spots": (0.8, nose_v - 0.5, nose_v + 0.5),
+            "beard": (1.0, np.minimum(mouth_v - ic["lip_thick"] - 0.2, ic["ear_v"] * b), b),
+            "wrinkles": (0.8, ic["hairline"] * b + 0.1, mouth_v + 0.08),
+            "eyes": (
+                ic["eye_sep"] + np.maximum(0.3, ic["brow_shift"] + ic["brow_len"]),
+                brow_top,
+                eye_v + 0.18,
+            ),
+            "mouth": (ic["mouth_w"], mouth_v - lips, mouth_v + lips),
+            "glasses": (1.0, eye_v + 0.01 - frames, eye_v + 0.01 + frames),
+        }
+        for k in range(ic["mole_r"].shape[1]):
+            r, mv = ic["mole_r"][:, k], ic["mole_v"][:, k] * b
+            patches[f"mole{k}"] = (np.abs(ic["mole_u"][:, k]) + r, mv - r, mv + r)
+        return patches
+
     # -- colours and light ------------------------------------------------------------------------------
     def _skin(self) -> np.ndarray:
         tone = self.ic["skin_tone"] * (len(SKIN_TONES) - 1)
@@ -122,13 +204,13 @@ class _Scene:
         skin = skin + self.ic["skin_hue"][:, None] * np.array([0.03, -0.005, -0.03])
         return skin * (1.0 - 0.12 * self.age[:, None]) + self.age[:, None] * np.array([0.0, 0.0, 0.02])
 
-    def _tone(self, rgb: np.ndarray) -> np.ndarray:
+    def _tone(self, colours: np.ndarray) -> np.ndarray:
         """Apply the style's saturation to (N, 3) colours; return (N, 3, 1, 1) float32."""
-        mean = rgb.mean(-1, keepdims=True)
-        return per_sample(np.clip(mean + self.style.saturation * (rgb - mean), 0.0, 1.0))
+        mean = colours.mean(-1, keepdims=True)
+        return per_sample(np.clip(mean + self.style.saturation * (colours - mean), 0.0, 1.0))
 
     def _lit(self, albedo, lam) -> np.ndarray:
-        """``albedo`` under the sample's ambient + diffuse light (``lam`` a map or per-sample scalar)."""
+        """``albedo`` under the sample's ambient + diffuse light (``lam`` a map or a constant)."""
         lam = np.asarray(lam, np.float32)
         return albedo * (self.ambient_rgb + (lam[:, None] if lam.ndim else lam) * self.light_rgb)
 
@@ -153,13 +235,15 @@ class _Scene:
     # -- layers ------------------------------------------------------------------------------------------
     def background(self) -> np.ndarray:
         sc, size, f = self.sc, self.size, per_sample
-        colours = 0.25 + 0.3 * sc["background_colours"] + 0.3 * sc["background_colours"].mean(-1, keepdims=True)
+        colours = (
+            0.25 + 0.3 * sc["background_colours"] + 0.3 * sc["background_colours"].mean(-1, keepdims=True)
+        )
         c0, c1 = self._tone(colours[:, 0]), self._tone(colours[:, 1])
-        kind = sc["background"]
-        ang = sc["background_angle"]
-        t = (self.grid[None, None, :] * f(np.cos(ang)) + self.grid[None, :, None] * f(np.sin(ang))) * f(
-            0.5 * (kind == 1)
-        ) + f(0.5 * (kind == 1))
+        kind, ang = sc["background"], sc["background_angle"]
+        ramp = f(0.5 * (kind == 1))
+        t = (
+            self.grid[None, None, :] * f(np.cos(ang)) + self.grid[None, :, None] * f(np.sin(ang))
+        ) * ramp + ramp
         if (kind == 2).any():
             smooth = textures.crop(textures.noise_banks(size)["smooth"], self.offsets[:, 0:2], size)
             t = t + (0.5 + 0.3 * smooth) * f(kind == 2)
@@ -167,11 +251,15 @@ class _Scene:
 
     def body(self, canvas) -> None:
         f, b = per_sample, per_sample(self.b)
-        nx = self.x + f(0.12 * np.sin(self.yaw))
-        clothes = ellipse(nx, self.y - (b + 1.05), 2.1, 0.95, self.gain)
-        paint(canvas, clothes, self._lit(self._tone(0.1 + 0.8 * self.sc["clothing_colour"]), 0.7))
-        neck = coverage(0.55 - np.abs(nx), self.gain) * coverage(self.y - 0.35 * b, self.gain)
-        paint(canvas, neck, self._lit(self.skin * 0.72, 0.55))
+        neck_top = np.zeros((self.n, 2, 3))  # the clothes' and neck's highest points, view space
+        neck_top[..., 0], neck_top[..., 1] = [-2.1, 2.1], 0.35 * self.b[:, None]
+        box = slice(self._boxes(neck_top[:, None], 0.0, tapered=False)[0][0].start, self.size), slice(None)
+        x, y, g = _band(self.x, box) + f(0.12 * np.sin(self.yaw)), _band(self.y, box), self.gain
+        out = _band(canvas, box)
+        clothes = ellipse(x, y - (b + 1.05), 2.1, 0.95, g)
+        paint(out, clothes, self._lit(self._tone(0.1 + 0.8 * self.sc["clothing_colour"]), 0.7))
+        neck = coverage(0.55 - np.abs(x), g) * coverage(y - 0.35 * b, g)
+        paint(out, neck, self._lit(self.skin * 0.72, 0.55))
 
     def hair_shell(self, canvas) -> np.ndarray:
         """Hair volume behind the head (nothing for bald identities); returns its coverage."""
@@ -194,108 +282,123 @@ class _Scene:
     def head(self, canvas) -> _Head:
         ic, f = self.ic, per_sample
         radii = np.stack([np.ones(self.n), self.b, self.c], -1)
-        inside, z, (u, v, w) = ray_ellipsoid(self.xh, self.y, self.rot, radii)
-        cover = coverage(inside, 0.5 * self.gain)
-        if self.style.falloff:  # darker towards the silhouette, where the surface turns away
-            lum_edge = 1.0 - self.style.falloff * (1.0 - np.sqrt(np.clip(inside, 0.0, 1.0)))
+        inside, edge, z, (u, v, w) = ray_ellipsoid(self.xh, self.y, self.rot, radii)
+        cover = coverage(edge, self.gain)
         head = _Head(cover, np.where(inside > 0, z, np.float32(-1e3)), u, v, w, np.where(w > -0.05, u, 9.0))
+        self.boxes = self._surface_boxes(self._feature_patches())
         albedo = np.empty((self.n, 3, self.size, self.size), np.float32)
         albedo[:] = self.skin
-        lum = lum_edge if self.style.falloff else np.ones_like(inside)
+        if self.style.falloff:  # darker towards the silhouette, where the surface turns away
+            lum = 1.0 - self.style.falloff * (1.0 - np.sqrt(np.clip(inside, 0.0, 1.0)))
+        else:
+            lum = np.ones_like(inside)
         self._skin_texture(head, albedo, lum)
         if (ic["beard_style"] > 0).any():
             self._beard(head, albedo)
         if (self.age > 0.35).any():
             self._wrinkles(head, lum)
-        self._brows(head, albedo)
-        self._eyes(head, albedo, lum)
+        self._eyes_and_brows(head, albedo, lum)
         self._mouth(head, albedo)
         scalp = self._scalp(head)
         paint(albedo, scalp, self.hair_map)
         b, c = f(self.b), f(self.c)
         lam, spec = self._shade(u, v / (b * b), w / (c * c), self.rot, with_specular=True)
-        colour = self._lit(albedo * lum[:, None], lam)
+        albedo *= lum[:, None]
+        colour = self._lit(albedo, lam)
         if spec is not None:
             colour += (spec * (1.0 - scalp) * self.style.specular)[:, None] * self.light_rgb
         paint(canvas, cover, colour)
         return head
 
     def _skin_texture(self, h: _Head, albedo, lum) -> None:
-        ic, st, f, size = self.ic, self.style, per_sample, self.size
+        ic, st, f, size, b = self.ic, self.style, per_sample, self.size, self.b
         banks = textures.noise_banks(size)
         if st.pores or st.blotch:
             pores = textures.crop(banks["pores"], self.offsets[:, 2:4], size)
             smooth = textures.crop(banks["smooth"], self.offsets[:, 0:2][:, ::-1], size)
             lum *= 1.0 + st.pores * pores + st.blotch * smooth
+        cheek_v = ic["nose_v"] * b + 0.08
         if st.blush:
-            q = ellipse_q(np.abs(h.uf) - 0.5, h.v - f(ic["nose_v"] * self.b + 0.08), 0.3, 0.22)
+            box = self.boxes["blush"]
+            hb = h.band(box)
+            q = ellipse_q(np.abs(hb.uf) - 0.5, hb.v - f(cheek_v), 0.3, 0.22)
             amount = np.clip(1.0 - q, 0.0, 1.0) * f(st.blush * 0.45 * ic["blush"])
-            paint(albedo, amount, self.skin * rgb([1.08, 0.72, 0.72]))
+            paint(_band(albedo, box), amount, self.skin * rgb([1.08, 0.72, 0.72]))
         spots = ic["freckles"] + np.clip(self.age - 0.6, 0.0, 1.0)
         if (spots > 0).any():
-            field = textures.crop(banks["spots"], self.offsets[:, 6:8], size)
-            region = np.clip(1.0 - ellipse_q(h.uf, h.v - f(ic["nose_v"] * self.b), 0.8, 0.5), 0.0, 1.0)
+            box = self.boxes["spots"]
+            hb = h.band(box)
+            field = _band(textures.crop(banks["spots"], self.offsets[:, 6:8], size), box)
+            region = np.clip(1.0 - ellipse_q(hb.uf, hb.v - f(ic["nose_v"] * b), 0.8, 0.5), 0.0, 1.0)
             dots = np.clip((field - f(2.6 - 0.9 * spots)) * 2.0, 0.0, 1.0)
-            darken(lum, dots * region, f(0.35 * (spots > 0)))
+            darken(_band(lum, box), dots * region, f(0.35 * (spots > 0)))
         for k in range(ic["mole_r"].shape[1]):
             r = ic["mole_r"][:, k]
             if (r > 0).any():
-                rr = f(np.maximum(r, 1e-3))
-                mole = ellipse(h.uf - f(ic["mole_u"][:, k]), h.v - f(ic["mole_v"][:, k] * self.b), rr, rr, self.gain)
-                darken(lum, mole, f(0.65 * (r > 0)))
+                mu, mv = ic["mole_u"][:, k], ic["mole_v"][:, k] * b
+                box = self.boxes[f"mole{k}"]
+                hb, rr = h.band(box), f(np.maximum(r, 1e-3))
+                mole = ellipse(hb.uf - f(mu), hb.v - f(mv), rr, rr, self.gain)
+                darken(_band(lum, box), mole, f(0.65 * (r > 0)))
 
     def _beard(self, h: _Head, albedo) -> None:
         ic, f, g = self.ic, per_sample, self.gain
-        au = np.abs(h.uf)
-        style = ic["beard_style"]
-        mv, lip = f(ic["mouth_v"] * self.b), f(ic["lip_thick"])
+        mouth_v, lip = ic["mouth_v"] * self.b, ic["lip_thick"]
+        box = self.boxes["beard"]
+        hb = h.band(box)
+        au, style = np.abs(hb.uf), ic["beard_style"]
+        mv, lip = f(mouth_v), f(lip)
         top = mv - 0.16
         top = top - (top - f(ic["ear_v"] * self.b + 0.05)) * np.clip((au - 0.3) / 0.6, 0.0, 1.0)
-        jaw = coverage(h.v - top, g * self.style.hair_edge) * coverage(0.98 - au, g)
+        jaw = coverage(hb.v - top, g * self.style.hair_edge) * coverage(0.98 - au, g)
         chin = jaw * coverage(0.3 - au, g)
-        moustache = coverage(h.v - (mv - lip - 0.09), g) * coverage(mv - lip * 0.5 - h.v, g)
+        moustache = coverage(hb.v - (mv - lip - 0.09), g) * coverage(mv - lip * 0.5 - hb.v, g)
         moustache *= coverage(f(ic["mouth_w"] * 1.15) - au, g)
         growth = ic["beard_density"] * np.clip(0.45 + self.age, 0.0, 1.0)
         amount = f(BEARD_JAW[style] * growth) * jaw + f(BEARD_CHIN[style] * growth) * chin
         amount += f(BEARD_MOUSTACHE[style] * growth) * moustache
-        paint(albedo, np.minimum(amount, 1.0), self.hair_map * 0.9)
+        paint(_band(albedo, box), np.minimum(amount, 1.0), _band(self.hair_map, box) * 0.9)
 
     def _wrinkles(self, h: _Head, lum) -> None:
-        ic, f, g = self.ic, per_sample, self.gain
+        ic, f, g, b = self.ic, per_sample, self.gain, self.b
+        box = self.boxes["wrinkles"]
+        hb, lum = h.band(box), _band(lum, box)
         amount = f(np.clip((self.age - 0.35) * 1.6, 0.0, 1.0))
-        au, b = np.abs(h.uf), f(self.b)
-        top, bottom = f(ic["hairline"] * self.b + 0.12), f((ic["eye_v"] * self.b) - ic["brow_gap"] - 0.08)
-        region = coverage(h.v - top, g) * coverage(bottom - h.v, g) * coverage(0.5 - au, g)
-        t = h.v * (1.0 / 0.075)
+        au = np.abs(hb.uf)
+        top, bottom = f(ic["hairline"] * b + 0.12), f((ic["eye_v"] * b) - ic["brow_gap"] - 0.08)
+        region = coverage(hb.v - top, g) * coverage(bottom - hb.v, g) * coverage(0.5 - au, g)
+        t = hb.v * (1.0 / 0.075)
         lines = coverage(np.abs(t - np.floor(t) - 0.5) - 0.38, 0.075 * g)
         darken(lum, region * lines, 0.3 * amount)
-        nose_end = f(ic["nose_v"] * self.b + ic["nose_len"] * 0.9)
-        fold = np.abs(au - f(ic["nose_w"] + 0.05) - (h.v - nose_end) * 0.45)
-        fold_cover = coverage(0.012 - fold, g) * coverage(h.v - nose_end + 0.03, g)
-        fold_cover *= coverage(f(ic["mouth_v"]) * b + 0.06 - h.v, g)
+        nose_end = f(ic["nose_v"] * b + ic["nose_len"] * 0.9)
+        fold = np.abs(au - f(ic["nose_w"] + 0.05) - (hb.v - nose_end) * 0.45)
+        fold_cover = coverage(0.012 - fold, g) * coverage(hb.v - nose_end + 0.03, g)
+        fold_cover *= coverage(f(ic["mouth_v"] * b + 0.06) - hb.v, g)
         darken(lum, fold_cover, 0.35 * amount)
 
-    def _brows(self, h: _Head, albedo) -> None:
-        ic, sc, f = self.ic, self.sc, per_sample
-        bu = np.abs(h.uf) - f(ic["eye_sep"] + ic["brow_shift"])
-        bv = h.v - f(ic["eye_v"] * self.b - ic["brow_gap"] - 0.05 * sc["brow_raise"])
-        length, thick = f(ic["brow_len"]), f(ic["brow_thick"])
-        t = bu / length
-        centre = f(-0.07 * ic["brow_arch"]) * (1.0 - t * t) - f(0.5 * ic["brow_tilt"]) * bu
-        brows = ellipse(t, (bv - centre) / thick, 1.0, 1.0, thick * self.gain)
-        paint(albedo, brows, (self.hair_map * 0.75 + 0.04).astype(np.float32))
-
-    def _eyes(self, h: _Head, albedo, lum) -> None:
+    def _eyes_and_brows(self, h: _Head, albedo, lum) -> None:
         ic, sc, f, g = self.ic, self.sc, per_sample, self.gain
+        eye_v = ic["eye_v"] * self.b
+        brow_v = eye_v - ic["brow_gap"] - 0.05 * sc["brow_raise"]
+        box = self.boxes["eyes"]
+        h, albedo, lum = h.band(box), _band(albedo, box), _band(lum, box)
         sep, width = f(ic["eye_sep"]), f(ic["eye_w"])
-        ev = h.v - f(ic["eye_v"] * self.b)
+        ev = h.v - f(eye_v)
         side = np.abs(h.uf) - sep  # mirrored: positive towards the outer corner
         darken(lum, np.clip(1.0 - ellipse_q(side, ev + 0.01, 0.27, 0.16), 0.0, 1.0), f(0.1 + 0.12 * self.age))
+
+        bu = np.abs(h.uf) - f(ic["eye_sep"] + ic["brow_shift"])
+        length, thick = f(ic["brow_len"]), f(ic["brow_thick"])
+        t = bu / length
+        centre = f(brow_v) - f(0.07 * ic["brow_arch"]) * (1.0 - t * t) - f(0.5 * ic["brow_tilt"]) * bu
+        brows = ellipse(bu, h.v - centre, length, thick, g)
+        paint(albedo, brows, _band(self.hair_map, box) * 0.75 + 0.04)
+
         ct, st = f(np.cos(ic["eye_tilt"])), f(np.sin(ic["eye_tilt"]))
         tu, tv = side * ct + ev * st, ev * ct - side * st
         height = f(ic["eye_w"] * ic["eye_h"] * (1.0 - sc["eye_closure"]) + 0.004)
-        paint(albedo, ellipse(tu, tv, width + 0.022, height + 0.022, g), rgb([0.1, 0.07, 0.06]))
         sclera = ellipse(tu, tv, width, height, g)
+        darken(lum, ellipse(tu, tv, width + 0.022, height + 0.022, g) - sclera, 0.88)  # lids and lashes
         paint(albedo, sclera, rgb([0.93, 0.91, 0.88]))
         radius = f(ic["iris_r"] * ic["eye_w"])
         iu = h.uf - np.sign(h.uf) * sep - f(0.35 * sc["gaze_u"] * ic["eye_w"])
@@ -310,16 +413,19 @@ class _Scene:
 
     def _mouth(self, h: _Head, albedo) -> None:
         ic, sc, f, g = self.ic, self.sc, per_sample, self.gain
+        mouth_v, box = ic["mouth_v"] * self.b, self.boxes["mouth"]
+        h, albedo = h.band(box), _band(albedo, box)
         width, thick = f(ic["mouth_w"]), f(ic["lip_thick"])
         t = h.uf / width
-        mv = h.v - f(ic["mouth_v"] * self.b) + f(0.06 * sc["smile"]) * t * t
+        mv = h.v - f(mouth_v) + f(0.06 * sc["smile"]) * t * t
         gap = f(0.075 * sc["mouth_open"])
         lip = self.skin * rgb([0.82, 0.55, 0.55]) + f(ic["lip_tone"][:, None] * [0.12, 0.024, 0.036])
         paint(albedo, ellipse(h.uf, mv, width, thick + gap, g), lip)
         opening = ellipse(h.uf, mv, width * 0.85, gap + 0.005, g)
         paint(albedo, opening, rgb([0.12, 0.04, 0.04]))
-        teeth = opening * coverage(-(mv + 0.35 * gap), g) * f(sc["mouth_open"] > 0)
-        paint(albedo, teeth, rgb([0.9, 0.88, 0.82]))
+        if (sc["mouth_open"] > 0).any():
+            teeth = opening * coverage(-(mv + 0.35 * gap), g) * f(sc["mouth_open"] > 0)
+            paint(albedo, teeth, rgb([0.9, 0.88, 0.82]))
 
     def _scalp(self, h: _Head) -> np.ndarray:
         """Coverage of hair on the head surface: above the hairline, the temples and the back."""
@@ -339,47 +445,60 @@ class _Scene:
         radii = np.stack([ic["nose_w"], ic["nose_len"], ic["nose_depth"]], -1)
         ct, st = np.cos(NOSE_TILT), np.sin(NOSE_TILT)
         rot = self.rot @ np.float32([[1, 0, 0], [0, ct, -st], [0, st, ct]])
-        centre_obj = np.stack(
-            [np.zeros(self.n), nose_v, self.c * np.sqrt(1.0 - ic["nose_v"] ** 2) - 0.3 * ic["nose_depth"]], -1
-        )
-        centre = np.einsum("nij,nj->ni", self.rot, centre_obj)
-        inside, dz, (nu, nv, nw) = ray_ellipsoid(self.xh - f(centre[:, 0]), self.y - f(centre[:, 1]), rot, radii)
-        cover = coverage(inside, f(0.5 * ic["nose_w"]) * self.gain * self.style.hair_edge) * (dz + f(centre[:, 2]) > h.z)
+        depth = self.c * np.sqrt(1.0 - ic["nose_v"] ** 2) - 0.3 * ic["nose_depth"]
+        centre = np.einsum("nij,nj->ni", self.rot, np.stack([np.zeros(self.n), nose_v, depth], -1))
+        box = self._boxes(centre[:, None, None], radii.max(-1)[:, None])[0]
+        dx, dy = _band(self.xh, box) - f(centre[:, 0]), _band(self.y, box) - f(centre[:, 1])
+        _, edge, dz, (nu, nv, nw) = ray_ellipsoid(dx, dy, rot, radii)
+        cover = coverage(edge, self.gain * self.style.hair_edge)
+        cover *= dz + f(centre[:, 2]) > _band(h.z, box)
         nw2, nl2, nd2 = (f(r * r) for r in radii.T)
         lam, _ = self._shade(nu / nw2, nv / nl2, nw / nd2, rot)
         lateral = (np.abs(nu) / f(ic["nose_w"]) - 0.5) / 0.25
-        nostril = coverage(1.0 - lateral * lateral - ((nv / f(ic["nose_len"]) - 0.62) / 0.2) ** 2, 0.1 * self.gain)
-        paint(canvas, cover, self._lit(self.skin, lam * (1.0 - 0.8 * nostril)))
+        nostril = coverage(
+            1.0 - lateral * lateral - ((nv / f(ic["nose_len"]) - 0.62) / 0.2) ** 2, 0.1 * self.gain
+        )
+        paint(_band(canvas, box), cover, self._lit(self.skin, lam * (1.0 - 0.8 * nostril)))
 
     def ears(self, canvas, h: _Head, shell) -> None:
         ic, f = self.ic, per_sample
         size_ = ic["ear_size"]
-        for sign in (-1.0, 1.0):
-            anchor = np.stack([np.full(self.n, 0.97 * sign), ic["ear_v"] * self.b, -0.12 * self.c], -1)
-            centre = np.einsum("nij,nj->ni", self.rot, anchor)
-            openness = np.abs(self.rot[:, 2, 0])
-            rx, ry = f(size_ * (0.3 + 0.4 * openness)), f(size_)
-            dx, dy = self.xh - f(centre[:, 0]), self.y - f(centre[:, 1])
-            cover = ellipse(dx, dy, rx, ry, self.gain) * (f(centre[:, 2]) > h.z)
-            cover *= 1.0 - shell * f(EAR_COVER[self.hair_style])
+        openness = np.abs(self.rot[:, 2, 0])
+        rx, ry = f(size_ * (0.3 + 0.4 * openness)), f(size_)
+        anchors = np.zeros((self.n, 2, 3))
+        anchors[..., 0], anchors[..., 1], anchors[..., 2] = (
+            [-0.97, 0.97],
+            (ic["ear_v"] * self.b)[:, None],
+            (-0.12 * self.c)[:, None],
+        )
+        centres = np.einsum("nij,nfj->nfi", self.rot, anchors)
+        for centre, box in zip(centres.transpose(1, 0, 2), self._boxes(centres[:, :, None], size_[:, None])):
+            dx, dy = _band(self.xh, box) - f(centre[:, 0]), _band(self.y, box) - f(centre[:, 1])
+            cover = ellipse(dx, dy, rx, ry, self.gain) * (f(centre[:, 2]) > _band(h.z, box))
+            cover *= 1.0 - _band(shell, box) * f(EAR_COVER[self.hair_style])
             inner = ellipse(dx, dy, rx, ry, self.gain, shrink=0.55)
-            paint(canvas, cover, self._lit(self.skin * 0.95, 0.55 * (1.0 - 0.6 * inner)))
+            paint(_band(canvas, box), cover, self._lit(self.skin * 0.95, 0.55 * (1.0 - 0.6 * inner)))
 
     def glasses(self, canvas, h: _Head) -> None:
         ic, sc, f, g = self.ic, self.sc, per_sample, self.gain
+        width = ic["eye_w"] * 1.3 + 0.05
+        eye_v = ic["eye_v"] * self.b + 0.01
+        box = self.boxes["glasses"]
+        h = h.band(box)
         on = f(sc["glasses"]) * h.cover
-        sep = f(ic["eye_sep"])
-        width = f(ic["eye_w"] * 1.3 + 0.05)
+        sep, width = f(ic["eye_sep"]), f(width)
         height, rim = width * 0.72, 0.03
-        side, ev = np.abs(h.uf) - sep, h.v - f(ic["eye_v"] * self.b + 0.01)
+        side, ev = np.abs(h.uf) - sep, h.v - f(eye_v)
         lens = ellipse(side, ev, width - rim, height - rim, g)
         frame = ellipse(side, ev, width, height, g) - lens
         bar = coverage(0.6 * rim - np.abs(ev + 0.02), g)
-        frame += bar * (coverage(sep - width + 0.02 - np.abs(h.uf), g) + coverage(side - width + 0.01, g))
+        arm = coverage(side - width + 0.01, g) * coverage(1.0 - np.abs(h.uf), g)  # ends at the ear
+        frame += bar * (coverage(sep - width + 0.02 - np.abs(h.uf), g) + arm)
         dark = sc["sunglasses"]
         lens_rgb = np.where(dark[:, None], [0.05, 0.05, 0.06], [0.8, 0.86, 0.9])
-        paint(canvas, lens * on * f(np.where(dark, 0.85, 0.12)), self._tone(lens_rgb))
-        paint(canvas, np.minimum(frame, 1.0) * on, self._lit(self._tone(sc["glasses_colour"]), 0.6))
+        out = _band(canvas, box)
+        paint(out, lens * on * f(np.where(dark, 0.85, 0.12)), self._tone(lens_rgb))
+        paint(out, np.minimum(frame, 1.0) * on, self._lit(self._tone(sc["glasses_colour"]), 0.6))
 
     def hat(self, canvas) -> None:
         sc, f = self.sc, per_sample
@@ -400,7 +519,6 @@ class _Scene:
         paint(canvas, cover, self._lit(self.skin * 0.95, lam))
 
     def finish(self, canvas) -> np.ndarray:
-        """Vignetting, then the planar canvas as (N, H, W, 3)."""
         if self.style.vignette:
             canvas *= 1.0 - 0.5 * self.style.vignette * (self.grid[None, :] ** 2 + self.grid[:, None] ** 2)
-        return np.ascontiguousarray(canvas.transpose(0, 2, 3, 1))
+        return canvas

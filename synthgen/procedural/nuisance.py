@@ -61,7 +61,9 @@ class NuisanceConfig(StrictModel):
             if name.endswith("_range") and value[0] > value[1]:
                 raise ValueError(f"{name}: low {value[0]} is above high {value[1]} (expected low <= high)")
         if sum(self.background_weights) <= 0:
-            raise ValueError("background_weights: expected at least one positive weight (flat, gradient, texture)")
+            raise ValueError(
+                "background_weights: expected at least one positive weight (flat, gradient, texture)"
+            )
         return self
 
 

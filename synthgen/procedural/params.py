@@ -58,7 +58,9 @@ class _Uniforms:
     def take(self, count: int = 1) -> np.ndarray:
         out = self._u[:, self._next : self._next + count]
         if out.shape[1] != count:
-            raise RuntimeError("parameter draws exceed the reserved uniforms; raise *_DRAWS (changes outputs)")
+            raise RuntimeError(
+                "parameter draws exceed the reserved uniforms; raise *_DRAWS (changes outputs)"
+            )
         self._next += count
         return out[:, 0] if count == 1 else out
 
@@ -78,7 +80,11 @@ class _Uniforms:
 
 def seed_uniforms(seeds: list[tuple[int, ...]], count: int) -> np.ndarray:
     """One row of ``count`` uniforms per seed tuple, from a SeedSequence over that tuple."""
-    return np.stack([np.random.default_rng(list(s)).random(count) for s in seeds]) if seeds else np.zeros((0, count))
+    return (
+        np.stack([np.random.default_rng(list(s)).random(count) for s in seeds])
+        if seeds
+        else np.zeros((0, count))
+    )
 
 
 def identity_columns(identity_seeds: np.ndarray) -> Columns:
@@ -137,7 +143,9 @@ def identity_columns(identity_seeds: np.ndarray) -> Columns:
 def sample_columns(identity_seeds: np.ndarray, sample_seeds: np.ndarray, nuisance: NuisanceConfig) -> Columns:
     """Pose, light, expression, occluders, background and degradations of each sample."""
     d = _Uniforms(
-        seed_uniforms([(int(i), int(s), SAMPLE_STREAM) for i, s in zip(identity_seeds, sample_seeds)], SAMPLE_DRAWS)
+        seed_uniforms(
+            [(int(i), int(s), SAMPLE_STREAM) for i, s in zip(identity_seeds, sample_seeds)], SAMPLE_DRAWS
+        )
     )
     n = nuisance
     c: Columns = {}
@@ -168,6 +176,8 @@ def sample_columns(identity_seeds: np.ndarray, sample_seeds: np.ndarray, nuisanc
     c["texture_offsets"] = d.take(10)  # crop positions: background, pores, streaks, spots, sensor noise
     c["blur_sigma"] = d.span(n.blur_sigma_range)
     c["noise_sigma"] = d.span(n.noise_sigma_range)
-    c["jpeg_quality"] = np.where(d.chance(n.jpeg_prob), np.rint(d.span(n.jpeg_quality_range)), 0).astype(np.int64)
+    c["jpeg_quality"] = np.where(d.chance(n.jpeg_prob), np.rint(d.span(n.jpeg_quality_range)), 0).astype(
+        np.int64
+    )
     c["age"] = d.span(n.age_range)
     return c

@@ -20,10 +20,9 @@ def rgb(values) -> np.ndarray:
 
 
 def coverage(inside: np.ndarray, gain) -> np.ndarray:
-    """Anti-aliased coverage in [0, 1] of an implicit shape ``inside > 0``.
+    """Anti-aliased coverage in [0, 1] from a signed distance ``inside`` (> 0 inside the shape).
 
-    ``gain`` converts ``inside`` to pixels (``inside * gain`` is about the signed distance to the edge in
-    pixels divided by the style's edge width).
+    ``gain`` converts ``inside`` to pixels divided by the style's edge width (the width of the 0..1 ramp).
     """
     out = inside * gain
     out += 0.5
@@ -40,10 +39,28 @@ def ellipse_q(du: np.ndarray, dv: np.ndarray, ru, rv) -> np.ndarray:
     return a
 
 
-def ellipse(du: np.ndarray, dv: np.ndarray, ru, rv, px_gain, shrink: float = 1.0) -> np.ndarray:
-    """Coverage of the ellipse with radii ``shrink * (ru, rv)``; ``px_gain`` = pixels per head unit / edge."""
-    q = ellipse_q(du, dv, ru, rv)
-    return coverage(shrink * shrink - q, 0.5 * np.minimum(ru, rv) * px_gain / shrink)
+def edge_distance(value: np.ndarray, grad_x: np.ndarray, grad_y: np.ndarray) -> np.ndarray:
+    """First-order signed distance ``value / |grad|`` to the zero set of an implicit function (in place)."""
+    norm = np.sqrt(grad_x * grad_x + grad_y * grad_y)
+    np.maximum(norm, 1e-6, out=norm)
+    value /= norm
+    return value
+
+
+def ellipse(du: np.ndarray, dv: np.ndarray, ru, rv, gain, shrink: float = 1.0) -> np.ndarray:
+    """Coverage of the ellipse with radii ``shrink * (ru, rv)``; ``gain`` = pixels per unit / edge width.
+
+    The edge distance comes from the implicit function's gradient, so long thin ellipses get a ramp as
+    sharp along their length as across it; far from the edge, where that estimate falls short, the
+    distance to the bounding box (never more than the true distance) takes over.
+    """
+    a, b = du / ru, dv / rv
+    value = shrink * shrink - (a * a + b * b)
+    a /= ru
+    b /= rv
+    inside = edge_distance(value, a + a, b + b)
+    beyond_box = np.maximum(np.abs(du) - shrink * ru, np.abs(dv) - shrink * rv)
+    return coverage(np.minimum(inside, np.negative(beyond_box, out=beyond_box), out=inside), gain)
 
 
 def paint(canvas: np.ndarray, alpha: np.ndarray, colour: np.ndarray) -> None:
@@ -62,8 +79,12 @@ def rotation(yaw: np.ndarray, pitch: np.ndarray) -> np.ndarray:
     """(N, 3, 3) object-to-view rotations ``Rx(pitch) @ Ry(yaw)`` (radians; x right, y down, z to viewer)."""
     cy, sy, cp, sp = np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch)
     one, zero = np.ones_like(yaw), np.zeros_like(yaw)
-    ry = np.stack([np.stack([cy, zero, sy], -1), np.stack([zero, one, zero], -1), np.stack([-sy, zero, cy], -1)], -2)
-    rx = np.stack([np.stack([one, zero, zero], -1), np.stack([zero, cp, -sp], -1), np.stack([zero, sp, cp], -1)], -2)
+    ry = np.stack(
+        [np.stack([cy, zero, sy], -1), np.stack([zero, one, zero], -1), np.stack([-sy, zero, cy], -1)], -2
+    )
+    rx = np.stack(
+        [np.stack([one, zero, zero], -1), np.stack([zero, cp, -sp], -1), np.stack([zero, sp, cp], -1)], -2
+    )
     return rx @ ry
 
 
@@ -71,19 +92,24 @@ def ray_ellipsoid(dx: np.ndarray, dy: np.ndarray, rot: np.ndarray, radii: np.nda
     """Front surface of rotated ellipsoids under orthographic view along -z.
 
     ``dx, dy``: view offsets from each ellipsoid centre (N, H, W); ``rot``: (N, 3, 3) object-to-view;
-    ``radii``: (N, 3). Returns ``inside`` (> 0 within the silhouette, about 2 * distance / radius near the
-    edge), ``dz`` (depth of the front surface, towards the viewer) and the object coordinates ``(u, v, w)``.
+    ``radii``: (N, 3). Returns ``inside`` (1 at the centre of the silhouette, 0 on its edge), ``edge`` (signed
+    distance to the silhouette, positive inside), ``dz`` (depth of the front surface, towards the viewer)
+    and the object coordinates ``(u, v, w)``.
     """
     m = rot @ (rot.transpose(0, 2, 1) / (radii[:, :, None] ** 2))  # R diag(1/r^2) R^T
     m = per_sample(m.reshape(-1, 9))
     mxx, mxy, mxz, myy, myz, mzz = (m[:, i] for i in (0, 1, 2, 4, 5, 8))
     b = mxz * dx + myz * dy
-    c = mxx * dx * dx + (2 * mxy) * dx * dy + myy * dy * dy - 1.0
-    inside = b * b / mzz - c
+    px, py = mxx * dx + mxy * dy, mxy * dx + myy * dy  # half the gradient of the quadratic form in x, y
+    inside = b * b / mzz - (dx * px + dy * py - 1.0)
+    edge = edge_distance(inside.copy(), b * (mxz / mzz) - px, b * (myz / mzz) - py)
+    edge *= 0.5  # the gradients above are halved
+    # Far from the silhouette the gradient estimate falls short; the bounding circle never overestimates.
+    np.minimum(edge, per_sample(radii.max(-1)) - np.sqrt(dx * dx + dy * dy), out=edge)
     root = np.sqrt(np.maximum(inside, 0.0))
     dz = root / np.sqrt(mzz) - b / mzz
     r = per_sample(rot.reshape(-1, 9))
     u = r[:, 0] * dx + r[:, 3] * dy + r[:, 6] * dz
     v = r[:, 1] * dx + r[:, 4] * dy + r[:, 7] * dz
     w = r[:, 2] * dx + r[:, 5] * dy + r[:, 8] * dz
-    return inside, dz, (u, v, w)
+    return inside, edge, dz, (u, v, w)

@@ -1,0 +1,314 @@
+"""Offline verification benchmarks built from procedural identities that training never uses.
+
+Identity ``k`` of a benchmark is identity seed ``identity_offset + k`` of the procedural renderer, the same
+identity-to-seed mapping as procedural training data, so a training set with identity ids below
+``identity_offset`` shares no identity with the benchmark.
+
+Written at ``out_uri``:
+
+- ``lfw-like.bin``, ``cfp-fp-like.bin``, ``agedb-like.bin``: insightface ``.bin`` pair sets (PNG images,
+  pairs consecutive) in 10 contiguous folds of equal size, each half positive then half negative, with
+  the identities of different folds disjoint (as in LFW's pairs.txt). ``cfp-fp-like`` pairs a near-frontal
+  image with a profile; in ``agedb-like`` every pair holds one young and one aged image. Each set has a
+  ``{name}.pairs.parquet`` with per-pair fold, identities, seeds, yaw and age.
+- ``ijbc-like/``: IJB-C-style templates for TAR@FMR: ``templates.parquet`` (one row per image: ``image``
+  PNG bytes, ``template_id``, ``media_id``, ``identity``, ``sample_seed``) and ``pairs.parquet``
+  (``template_1``, ``template_2``, ``issame``). Every identity has two templates; a template holds one or
+  two media (capture sessions sharing pose and light) of one to three frames each. One pair in ten is
+  genuine. :func:`read_template_set` reads the folder back.
+- ``benchmark.json``: the summary returned by :func:`build_benchmark`, written last.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from facesynth import binsets, storage
+from synthgen.procedural import render_faces
+from synthgen.procedural.render import check_size
+from synthgen.procedural.styles import get_style
+
+FOLDS = 10
+PAIR_SETS = {"lfw-like": 6000, "cfp-fp-like": 7000, "agedb-like": 6000}  # the standard pair counts
+TEMPLATE_SET = "ijbc-like"
+DEFAULT_TEMPLATE_PAIRS = 20_000
+IMPOSTORS_PER_GENUINE = 9
+FRONTAL = {"yaw_range": (-5.0, 5.0)}
+PROFILES = ({"yaw_range": (-85.0, -65.0)}, {"yaw_range": (65.0, 85.0)})
+YOUNG, OLD = {"age_range": (0.0, 0.15)}, {"age_range": (0.7, 1.0)}
+# Per pair set: the view each image is rendered under; chosen by _assign_views.
+VIEWS: dict[str, tuple[dict | None, ...]] = {
+    "lfw-like": (None,),
+    "cfp-fp-like": (FRONTAL, *PROFILES),
+    "agedb-like": (YOUNG, OLD),
+}
+
+
+def build_benchmark(
+    out_uri: str,
+    *,
+    style: str,
+    size: int = 112,
+    identity_offset: int = 1_000_000,
+    num_identities: int = 3000,
+    seed: int = 0,
+    pair_counts: Mapping[str, int] | None = None,
+) -> dict:
+    """Render the benchmark sets at ``out_uri``; returns (and writes as ``benchmark.json``) a summary.
+
+    ``pair_counts`` overrides the number of pairs per set (``lfw-like``, ``cfp-fp-like``, ``agedb-like``:
+    multiples of 20 so that every fold holds as many positive as negative pairs; ``ijbc-like``: template
+    pairs, a multiple of 10 and at least 100); 0 leaves a set out. All inputs are checked before anything
+    is rendered or written.
+    """
+    get_style(style)
+    size = check_size(size)
+    counts = _checked_counts(pair_counts)
+    if identity_offset < 0 or seed < 0:
+        raise ValueError(f"identity_offset={identity_offset}, seed={seed}: expected non-negative integers")
+    genuine = counts.get(TEMPLATE_SET, 0) // (IMPOSTORS_PER_GENUINE + 1)
+    needed = max(2 * FOLDS if any(counts.get(name) for name in PAIR_SETS) else 0, genuine)
+    if num_identities < needed:
+        raise ValueError(
+            f"num_identities={num_identities}: these pair counts need at least {needed} identities "
+            f"(2 per fold for the pair sets, 1 per genuine template pair for {TEMPLATE_SET})"
+        )
+    pool = identity_offset + np.arange(num_identities, dtype=np.int64)
+    summary = {
+        "out_uri": out_uri,
+        "style": style,
+        "size": size,
+        "seed": seed,
+        "identity_offset": identity_offset,
+        "num_identities": num_identities,
+        "identity_range": [int(pool[0]), int(pool[-1]) + 1],
+        "sets": {},
+    }
+    for index, name in enumerate((*PAIR_SETS, TEMPLATE_SET)):
+        if counts.get(name):
+            rng = np.random.default_rng([seed, index])
+            build = _build_template_set if name == TEMPLATE_SET else _build_pair_set
+            summary["sets"][name] = build(out_uri, name, counts[name], pool, rng, style, size)
+    storage.write_bytes(storage.join(out_uri, "benchmark.json"), json.dumps(summary, indent=2).encode())
+    return summary
+
+
+def _checked_counts(pair_counts: Mapping[str, int] | None) -> dict[str, int]:
+    counts = {**PAIR_SETS, TEMPLATE_SET: DEFAULT_TEMPLATE_PAIRS, **(pair_counts or {})}
+    known = [*PAIR_SETS, TEMPLATE_SET]
+    for name, count in counts.items():
+        if name not in known:
+            raise ValueError(f"pair_counts: unknown set {name!r}; expected some of {known}")
+        if isinstance(count, bool) or not isinstance(count, int | np.integer) or count < 0:
+            raise ValueError(f"pair_counts[{name!r}]={count!r}: expected a non-negative integer")
+        if name in PAIR_SETS and count % (2 * FOLDS):
+            raise ValueError(
+                f"pair_counts[{name!r}]={count}: expected a multiple of {2 * FOLDS} so that each of the "
+                f"{FOLDS} folds holds as many positive as negative pairs"
+            )
+        if name == TEMPLATE_SET and count and (count % (IMPOSTORS_PER_GENUINE + 1) or count < 100):
+            raise ValueError(
+                f"pair_counts[{name!r}]={count}: expected 0 or a multiple of {IMPOSTORS_PER_GENUINE + 1} of at "
+                "least 100 (one genuine pair in ten, each impostor pair distinct)"
+            )
+    return {name: int(count) for name, count in counts.items()}
+
+
+def _pair_identities(
+    rng: np.random.Generator, pool: np.ndarray, n_pairs: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Identities of both sides of each pair: fold f draws from the f-th tenth of the pool only."""
+    per_fold, group = n_pairs // FOLDS, len(pool) // FOLDS
+    half = per_fold // 2
+    first, second = [], []
+    for fold in range(FOLDS):
+        members = pool[fold * group : (fold + 1) * group]
+        positive = rng.integers(group, size=half)
+        negative = rng.integers(group, size=half)
+        other = (negative + 1 + rng.integers(group - 1, size=half)) % group  # always another identity
+        first.append(members[np.concatenate([positive, negative])])
+        second.append(members[np.concatenate([positive, other])])
+    return np.concatenate(first), np.concatenate(second)
+
+
+def _assign_views(name: str, rng: np.random.Generator, n_pairs: int) -> np.ndarray:
+    """Index into ``VIEWS[name]`` for each image (pairs consecutive)."""
+    views = np.zeros((n_pairs, 2), np.int64)
+    if name == "cfp-fp-like":
+        views[:, 1] = 1 + rng.integers(2, size=n_pairs)  # frontal first, then a profile facing either way
+    elif name == "agedb-like":
+        views[np.arange(n_pairs), rng.integers(2, size=n_pairs)] = 1  # which side of the pair is aged
+    return views.reshape(-1)
+
+
+@dataclass(frozen=True)
+class _Rendered:
+    images: list[bytes]
+    yaw: np.ndarray
+    age: np.ndarray
+
+
+def _render(
+    ids: np.ndarray, seeds: np.ndarray, views: np.ndarray, overrides, style: str, size: int
+) -> _Rendered:
+    """Render each image under ``overrides[views[i]]``; PNG bytes plus the yaw and age drawn."""
+    images: list[bytes] = [b""] * len(ids)
+    yaw, age = np.zeros(len(ids)), np.zeros(len(ids))
+    for view, override in enumerate(overrides):
+        rows = np.flatnonzero(views == view)
+        if not len(rows):
+            continue
+        batch = render_faces(ids[rows], seeds[rows], style=style, size=size, overrides=override)
+        yaw[rows], age[rows] = batch.nuisance["yaw"], batch.nuisance["age"]
+        for row, image in zip(rows, batch.images):
+            images[row] = encode_png(image)
+    return _Rendered(images, yaw, age)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """PNG bytes of an RGB uint8 image."""
+    ok, data = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))
+    if not ok:
+        raise RuntimeError(f"PNG encoding failed for an image of shape {image.shape}")
+    return data.tobytes()
+
+
+def _build_pair_set(out_uri, name, n_pairs, pool, rng, style, size) -> dict:
+    first, second = _pair_identities(rng, pool, n_pairs)
+    ids = np.stack([first, second], 1).reshape(-1)
+    seeds = 2 * rng.integers(0, 2**61, size=n_pairs).repeat(2) + np.tile([0, 1], n_pairs)
+    rendered = _render(ids, seeds, _assign_views(name, rng, n_pairs), VIEWS[name], style, size)
+    issame = first == second
+    uri, meta_uri = storage.join(out_uri, f"{name}.bin"), storage.join(out_uri, f"{name}.pairs.parquet")
+    binsets.write_bin(uri, rendered.images, issame.tolist())
+    meta = {
+        "fold": np.arange(n_pairs) // (n_pairs // FOLDS),
+        "issame": issame,
+        "identity_1": first,
+        "identity_2": second,
+        "seed_1": seeds[0::2],
+        "seed_2": seeds[1::2],
+        "yaw_1": rendered.yaw[0::2],
+        "yaw_2": rendered.yaw[1::2],
+        "age_1": rendered.age[0::2],
+        "age_2": rendered.age[1::2],
+    }
+    _write_parquet(meta_uri, meta)
+    return {
+        "path": uri,
+        "pairs_meta": meta_uri,
+        "pairs": n_pairs,
+        "positives": int(issame.sum()),
+        "images": 2 * n_pairs,
+    }
+
+
+def _build_template_set(out_uri, name, n_pairs, pool, rng, style, size) -> dict:
+    genuine = n_pairs // (IMPOSTORS_PER_GENUINE + 1)
+    identities = rng.choice(pool, size=genuine, replace=False)
+    rows: dict[str, list] = {
+        "image": [],
+        "template_id": [],
+        "media_id": [],
+        "identity": [],
+        "sample_seed": [],
+    }
+    media_id = 0
+    for template in range(2 * genuine):
+        identity = identities[template // 2]
+        for _ in range(int(rng.integers(1, 3))):
+            frames = int(rng.integers(1, 4))
+            seeds = rng.integers(0, 2**62, size=frames)
+            yaw = float(rng.uniform(-60.0, 60.0))
+            session = {  # what one capture session shares: pose neighbourhood and lighting
+                "yaw_range": (yaw - 5.0, yaw + 5.0),
+                "light_azimuth": float(rng.uniform(-70.0, 70.0)),
+                "light_elevation": float(rng.uniform(-10.0, 50.0)),
+                "light_intensity": float(rng.uniform(0.35, 0.75)),
+                "ambient": float(rng.uniform(0.45, 0.7)),
+            }
+            batch = render_faces(np.full(frames, identity), seeds, style=style, size=size, overrides=session)
+            rows["image"] += [encode_png(image) for image in batch.images]
+            rows["template_id"] += [template] * frames
+            rows["media_id"] += [media_id] * frames
+            rows["identity"] += [int(identity)] * frames
+            rows["sample_seed"] += seeds.tolist()
+            media_id += 1
+    # Genuine pairs: the two templates of each identity. Impostor k pairs identity i = k mod G with identity
+    # (i + 1 + k div G) mod G, so all impostor pairs are distinct; either template of each side.
+    k = np.arange(IMPOSTORS_PER_GENUINE * genuine)
+    first_identity, second_identity = k % genuine, (k % genuine + 1 + k // genuine) % genuine
+    template_1 = np.concatenate([2 * np.arange(genuine), 2 * first_identity + rng.integers(2, size=len(k))])
+    template_2 = np.concatenate(
+        [2 * np.arange(genuine) + 1, 2 * second_identity + rng.integers(2, size=len(k))]
+    )
+    issame = np.arange(n_pairs) < genuine
+    folder = storage.join(out_uri, name)
+    _write_parquet(storage.join(folder, "templates.parquet"), rows)
+    _write_parquet(
+        storage.join(folder, "pairs.parquet"),
+        {"template_1": template_1, "template_2": template_2, "issame": issame},
+    )
+    return {
+        "path": folder,
+        "pairs": n_pairs,
+        "positives": genuine,
+        "templates": 2 * genuine,
+        "media": media_id,
+        "images": len(rows["image"]),
+    }
+
+
+def _write_parquet(uri: str, columns: Mapping[str, object]) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(pa.table(dict(columns)), buffer)
+    storage.write_bytes(uri, buffer.getvalue())
+
+
+@dataclass(frozen=True)
+class TemplateSet:
+    """An IJB-C-style set as read back: per-image columns and the template pair list."""
+
+    images: list[bytes]
+    template_ids: np.ndarray
+    media_ids: np.ndarray
+    identities: np.ndarray
+    template_1: np.ndarray
+    template_2: np.ndarray
+    issame: np.ndarray
+
+
+def read_template_set(uri: str) -> TemplateSet:
+    """Read a template set folder written by :func:`build_benchmark` (``templates.parquet`` + ``pairs.parquet``)."""
+    tables = {}
+    for part in ("templates", "pairs"):
+        part_uri = storage.join(uri, f"{part}.parquet")
+        if not storage.exists(part_uri):
+            raise FileNotFoundError(
+                f"{part_uri}: a template set folder holds templates.parquet and pairs.parquet"
+            )
+        tables[part] = pq.read_table(io.BytesIO(storage.read_bytes(part_uri)))
+    images, pairs = tables["templates"], tables["pairs"]
+    known = set(images["template_id"].to_pylist())
+    missing = (set(pairs["template_1"].to_pylist()) | set(pairs["template_2"].to_pylist())) - known
+    if missing:
+        raise ValueError(
+            f"{uri}: pairs.parquet names templates {sorted(missing)[:5]} that templates.parquet lacks"
+        )
+    return TemplateSet(
+        images=images["image"].to_pylist(),
+        template_ids=images["template_id"].to_numpy(),
+        media_ids=images["media_id"].to_numpy(),
+        identities=images["identity"].to_numpy(),
+        template_1=pairs["template_1"].to_numpy(),
+        template_2=pairs["template_2"].to_numpy(),
+        issame=pairs["issame"].to_numpy(),
+    )

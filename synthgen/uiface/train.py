@@ -1,0 +1,347 @@
+"""UIFace training on Ray Train (DDP, bf16 on GPU, EMA, checkpoints and resume) and the saved-model format.
+
+Data: a shard dataset of face images whose identity embeddings come from a judge FR model (an exported
+``model.json`` folder, embedded once in a Ray Data step before training) or from the shards' ``embedding``
+column. Each worker reads its split of the stream, flips images with p=0.5 and minimises
+:meth:`UIFaceModel.training_loss` with Adam + ``CosineAnnealingWarmRestarts(T_0, T_mult=2)`` and a diffusers
+``EMAModel`` (warm-up ``1 - (1 + step / inv_gamma) ** -power``, capped), as the reference trains.
+
+Rank 0 reports a checkpoint (weights, EMA, optimizer, scheduler, step, loss log) every ``checkpoint_every``
+steps to ``<output>/checkpoints/<run_name>``; rerunning with the same output and run name resumes from the
+latest one. At the end rank 0 saves the EMA weights as a model folder (:func:`save_uiface`):
+``unet/`` (diffusers ``save_pretrained``), ``context.pt``, ``autoencoder/`` (latent models) and
+``uiface.json`` (written last, so a folder with it is complete), loaded back by :func:`load_uiface`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from facesynth import shards, storage, telemetry
+from facesynth.config import StrictModel
+from synthgen.uiface.context import IdentityContext
+from synthgen.uiface.model import UIFaceModel, UIFaceModelConfig, build_uiface, preset
+
+log = logging.getLogger(__name__)
+
+MODEL_JSON = "uiface.json"
+STATE_FILE = "state.pt"
+TRAIN_LOG = "train_log.json"
+
+
+class UIFaceModelSource(StrictModel):
+    """Which UIFace model: a saved model folder (``uri``), else random weights of ``preset`` + ``overrides``."""
+
+    uri: str | None = Field(None, description="model folder written by save_uiface (local path or s3://)")
+    preset: str = Field("tiny", description="architecture preset when uri is null: tiny | uiface-casia")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="UIFaceModelConfig fields over the preset")
+    init_seed: int = Field(0, ge=0, description="seed of the random weights when uri is null")
+
+    @model_validator(mode="after")
+    def _check_preset(self) -> UIFaceModelSource:
+        if self.uri is None:
+            try:
+                preset(self.preset, **self.overrides)
+            except ValueError as exc:  # pydantic's ValidationError is a ValueError too
+                raise ValueError(f"preset/overrides: {exc}") from None
+        return self
+
+    def architecture(self) -> UIFaceModelConfig:
+        """The model config, read from ``uri``'s ``uiface.json`` or built from the preset."""
+        if self.uri is not None:
+            return read_model_config(self.uri)
+        return preset(self.preset, **self.overrides)
+
+    def build(self, device: str | torch.device = "cpu") -> UIFaceModel:
+        """Load the saved model, or build the same random weights in every process (seeded, RNG untouched)."""
+        if self.uri is not None:
+            return load_uiface(self.uri, device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.init_seed)
+            model = build_uiface(self.architecture())
+        return model.to(device)
+
+    def describe(self) -> str:
+        return self.uri if self.uri is not None else f"preset:{self.preset}"
+
+
+class UIFaceTrainConfig(StrictModel):
+    """Optimisation, EMA, checkpointing and Ray Train scaling of a UIFace run."""
+
+    steps: int = Field(1000, ge=1, description="total optimizer steps (a resumed run continues to this)")
+    batch_size: int = Field(64, ge=1, description="images per worker and step")
+    lr: float = Field(1e-4, gt=0, description="Adam learning rate")
+    restart_period: int = Field(10000, ge=1, description="CosineAnnealingWarmRestarts T_0 (T_mult=2)")
+    ema_max_decay: float = Field(0.9999, ge=0, le=1)
+    ema_power: float = Field(0.75, gt=0)
+    ema_inv_gamma: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(1000, ge=1, description="report a resumable checkpoint every N steps")
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(50, ge=1, description="report the mean loss every N steps")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP processes)")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    bf16: bool = Field(True, description="bf16 autocast (GPU workers only)")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
+    seed: int = Field(0, ge=0, description="seed of flips, timesteps, noise and dropout (per rank and step)")
+    shuffle_buffer: int = Field(1024, ge=0, description="local shuffle buffer in rows (0: stream order)")
+    judge_batch_size: int = Field(256, ge=1, description="images per judge embedding call")
+    judge_num_gpus: float = Field(0.0, ge=0, description="GPUs per judge embedding actor")
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced: the final model and last checkpoint URIs, the steps and the loss log."""
+
+    model_uri: str
+    checkpoint_uri: str | None
+    steps: int
+    start_step: int
+    loss_log: list[dict]
+    seconds: float
+
+
+def read_model_config(uri: str) -> UIFaceModelConfig:
+    """The ``uiface.json`` of a saved model folder (FileNotFoundError naming it if missing)."""
+    return UIFaceModelConfig.model_validate_json(storage.read_bytes(storage.join(uri, MODEL_JSON)))
+
+
+def save_uiface(model: UIFaceModel, uri: str) -> None:
+    """Write ``model`` as a folder at ``uri`` (any storage URI); ``uiface.json`` is written last."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model.unet.save_pretrained(root / "unet")
+        if model.autoencoder is not None:
+            model.autoencoder.save_pretrained(root / "autoencoder")
+        torch.save(model.context.state_dict(), root / "context.pt")
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            storage.write_bytes(storage.join(uri, path.relative_to(root).as_posix()), path.read_bytes())
+    storage.write_bytes(storage.join(uri, MODEL_JSON), model.config.model_dump_json(indent=1).encode())
+
+
+def load_uiface(uri: str, device: str | torch.device = "cpu") -> UIFaceModel:
+    """Rebuild a model saved by :func:`save_uiface` (tensors loaded with ``weights_only=True``), in eval mode."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel, VQModel
+
+    config = read_model_config(uri)
+    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(uri, "context.pt"))), weights_only=True)
+    context = IdentityContext(config.embedding_dim, config.context_dim, config.context_tokens, config.norm_groups)
+    context.load_state_dict(state)
+    with tempfile.TemporaryDirectory() as tmp:
+        unet = UNet2DConditionModel.from_pretrained(_download_folder(storage.join(uri, "unet"), Path(tmp, "unet")))
+        autoencoder = None
+        if config.space != "pixel":
+            cls = VQModel if config.space == "vq" else AutoencoderKL
+            autoencoder = cls.from_pretrained(_download_folder(storage.join(uri, "autoencoder"), Path(tmp, "ae")))
+    return UIFaceModel(config, unet, context, autoencoder).to(device).eval()
+
+
+def _download_folder(uri: str, target: Path) -> Path:
+    files = storage.list_files(uri)
+    if not files:
+        raise FileNotFoundError(f"{uri}: empty or missing model sub-folder")
+    target.mkdir(parents=True)
+    for f in files:
+        (target / f.rsplit("/", 1)[1]).write_bytes(storage.read_bytes(f))
+    return target
+
+
+class _LossModule(nn.Module):
+    """DDP needs the loss inside ``forward``."""
+
+    def __init__(self, model: UIFaceModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, embeddings: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.model.training_loss(images, embeddings, generator)
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """Seed of one worker's randomness at one step: a resumed run draws exactly what it would have drawn."""
+    return int(shards.row_seeds(seed, np.array([rank]), np.array([step]))[0])
+
+
+def prepare_batch(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1], each image flipped left-right with p=0.5 (drawn from ``generator``)."""
+    images = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1
+    flip = torch.rand(len(images), generator=generator).to(images.device) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def _trainable(model: UIFaceModel) -> list[nn.Parameter]:
+    return [*model.unet.parameters(), *model.context.parameters()]
+
+
+def _train_loop(loop_config: dict) -> None:
+    """Ray Train worker loop (one DDP process)."""
+    import ray.train
+    import ray.train.torch
+    from diffusers.training_utils import EMAModel
+
+    cfg = UIFaceTrainConfig.model_validate(loop_config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    model = UIFaceModelSource.model_validate(loop_config["model"]).build()
+    if model.autoencoder is not None:
+        model.autoencoder.requires_grad_(False).eval()
+    model.train()
+    loss_module = ray.train.torch.prepare_model(_LossModule(model))
+    params = _trainable(model)
+    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=cfg.restart_period, T_mult=2)
+    ema = EMAModel(params, decay=cfg.ema_max_decay, use_ema_warmup=True, inv_gamma=cfg.ema_inv_gamma,
+                   power=cfg.ema_power)
+    step, loss_log = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder, STATE_FILE), map_location="cpu", weights_only=True)
+        model.unet.load_state_dict(state["unet"])
+        model.context.load_state_dict(state["context"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        ema.load_state_dict(state["ema"])
+        step = state["step"]
+        loss_log = [{"step": int(s), "loss": loss} for s, loss in state["loss_log"].tolist()]
+    ema.to(device)
+    start_step = step
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
+    generator = torch.Generator()
+    data = ray.train.get_dataset_shard("train")
+    window_loss, window_steps, meter = torch.zeros((), device=device), 0, telemetry.Meter()
+    while step < cfg.steps:
+        for batch in data.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True, device=device,
+                                             local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+                                             local_shuffle_seed=step_seed(cfg.seed, rank, step)):
+            generator.manual_seed(step_seed(cfg.seed, rank, step))
+            images = prepare_batch(batch["pixels"], generator)
+            with autocast:
+                loss = loss_module(images, batch["embedding"].float(), generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            ema.step(params)
+            step += 1
+            window_loss += loss.detach().float()
+            window_steps += 1
+            meter.add(len(images) * world)
+            if step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                if world > 1:
+                    torch.distributed.all_reduce(window_loss)
+                mean_loss = window_loss.item() / window_steps / world
+                loss_log.append({"step": step, "loss": mean_loss})
+                window_loss.zero_()
+                window_steps = 0
+                telemetry.set_gauge("facesynth_uiface_train_images_per_s", meter.rate, "UIFace training images/s")
+                metrics = {"step": step, "start_step": start_step, "loss": mean_loss,
+                           "lr": scheduler.get_last_lr()[0], "images_per_s": meter.rate}
+                save = rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps)
+                _report(metrics, model, optimizer, scheduler, ema, loss_log if save else None)
+            if step >= cfg.steps:
+                break
+    if rank == 0:
+        ema.store(params)
+        ema.copy_to(params)
+        save_uiface(model, loop_config["model_uri"])
+        ema.restore(params)
+        storage.write_bytes(storage.join(loop_config["model_uri"], TRAIN_LOG),
+                            json.dumps({"start_step": start_step, "step": step, "loss": loss_log}).encode())
+
+
+def _report(metrics: dict, model: UIFaceModel, optimizer, scheduler, ema, loss_log: list[dict] | None) -> None:
+    """Report metrics; with ``loss_log`` (rank 0 at a checkpoint step) also a resumable checkpoint."""
+    import ray.train
+
+    if loss_log is None:
+        ray.train.report(metrics)
+        return
+    state = {
+        "unet": model.unet.state_dict(),
+        "context": model.context.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "ema": ema.state_dict(),
+        "step": metrics["step"],
+        "loss_log": torch.tensor([[r["step"], r["loss"]] for r in loss_log], dtype=torch.float64),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(state, os.path.join(tmp, STATE_FILE))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def check_inputs(data_uri: str, judge_uri: str | None, architecture: UIFaceModelConfig) -> None:
+    """Fail before any work if the data or the judge cannot feed a model of ``architecture``."""
+    import pyarrow.parquet as pq
+
+    from facesynth.face_model import read_spec
+
+    with storage.open_input(shards.committed_files(data_uri)[0]) as f:
+        schema = pq.read_schema(f)
+    if judge_uri is not None:
+        dim, source = read_spec(judge_uri).embedding_dim, f"judge {judge_uri}"
+    elif "embedding" in schema.names:
+        first = next(shards.iter_rows(data_uri, columns=["embedding"]))
+        dim, source = len(first["embedding"]), f"data {data_uri} column 'embedding'"
+    else:
+        raise ValueError(f"judge: null, but data {data_uri} has no 'embedding' column; give a judge model URI")
+    if dim != architecture.embedding_dim:
+        raise ValueError(f"{source}: embedding dim {dim}, but the model expects embedding_dim="
+                         f"{architecture.embedding_dim} (set model.overrides.embedding_dim)")
+
+
+def train_uiface(data_uri: str, output_uri: str, model: UIFaceModelSource, cfg: UIFaceTrainConfig, *,
+                 judge_uri: str | None = None, run_name: str = "uiface") -> TrainResult:
+    """Train (or resume) a UIFace model on Ray Train; the EMA model is saved at ``<output>/model``."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from synthgen.identity_embeddings import training_dataset
+
+    architecture = model.architecture()
+    check_inputs(data_uri, judge_uri, architecture)
+    dataset = training_dataset(data_uri, architecture.image_size, judge_uri=judge_uri,
+                               judge_batch_size=cfg.judge_batch_size, judge_num_gpus=cfg.judge_num_gpus)
+    model_uri = storage.join(output_uri, "model")
+    fs, path = storage.resolve(storage.join(output_uri, "checkpoints"))
+    storage.makedirs(storage.join(output_uri, "checkpoints"))
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"train": cfg.model_dump(), "model": model.model_dump(), "model_uri": model_uri},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=path,
+            storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+        datasets={"train": dataset},
+    )
+    start = time.perf_counter()
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    train_log = json.loads(storage.read_bytes(storage.join(model_uri, TRAIN_LOG)))
+    checkpoint = None
+    if result.checkpoint is not None:
+        checkpoint = f"s3://{result.checkpoint.path}" if output_uri.startswith("s3://") else result.checkpoint.path
+    return TrainResult(model_uri, checkpoint, train_log["step"], train_log["start_step"], train_log["loss"],
+                       time.perf_counter() - start)
