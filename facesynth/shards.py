@@ -156,7 +156,8 @@ def read_dataset(dataset_uri: str, columns: list[str] | None = None, **read_kwar
     files = committed_files(dataset_uri)
     fs, _ = storage.resolve(dataset_uri)
     paths = [storage.parse(f).path for f in files]
-    return ray.data.read_parquet(paths, filesystem=fs, columns=columns, **read_kwargs)
+    ds = ray.data.read_parquet(paths, filesystem=fs, **read_kwargs)
+    return ds.select_columns(columns) if columns else ds
 
 
 def iter_tables(dataset_uri: str, columns: list[str] | None = None) -> Iterator[pa.Table]:

@@ -42,8 +42,12 @@ class QualityJob(StrictModel):
     reference: str | None = Field(None, description="real/training shard dataset URI: P/R, FID, leakage")
     judge: str = Field(min_length=1, description="exported face-model folder (model.json + model.pt)")
     output: str = Field(min_length=1)
-    max_identities: int | None = Field(None, ge=2, description="evenly spaced over the sorted identity ids")
-    max_images_per_identity: int | None = Field(None, ge=1, description="the smallest sample numbers")
+    max_identities: int | None = Field(
+        None, ge=2, description="per set, evenly spaced over its sorted identity ids"
+    )
+    max_images_per_identity: int | None = Field(
+        None, ge=1, description="per set, the smallest sample numbers"
+    )
     resize: bool = Field(
         False, description="resize images to the judge's input_size (else a size mismatch is an error)"
     )
@@ -150,17 +154,19 @@ def check_plans(cfg: QualityJob, syn: EmbedPlan, ref: EmbedPlan | None) -> None:
         )
 
 
-def sample_grid(plan: EmbedPlan, emb: EmbeddedDataset, identities: int, samples: int) -> np.ndarray:
-    """uint8 grid rows = up to ``identities`` judged identities, columns = their first ``samples`` images."""
+def write_sample_grid(plan: EmbedPlan, emb: EmbeddedDataset, identities: int, samples: int, uri: str) -> None:
+    """PNG grid at ``uri``: a row per judged identity (up to ``identities``, evenly spaced), its first
+    images (up to ``samples``, fewer columns when no identity has that many) in sample order."""
     subset = choose_subset(emb.identities, emb.columns["sample"], identities, samples)
     images, ids, smp = read_faces(plan, subset)
     order = np.lexsort((smp, ids))
     images, ids = images[order], ids[order]
-    grid = np.full((len(subset.identities) * samples, *images.shape[1:]), 255, dtype=np.uint8)
+    cols = int(np.unique(ids, return_counts=True)[1].max())
+    grid = np.full((len(subset.identities) * cols, *images.shape[1:]), 255, dtype=np.uint8)
     for row, identity in enumerate(subset.identities):
         members = images[ids == identity]
-        grid[row * samples : row * samples + len(members)] = members
-    return grid
+        grid[row * cols : row * cols + len(members)] = members
+    save_sample_grid(grid, uri, ncols=cols)
 
 
 def lpips_report(cfg: QualityJob, plan: EmbedPlan, emb: EmbeddedDataset) -> dict:
@@ -290,8 +296,8 @@ def dataset_quality_job(cfg: QualityJob) -> dict:
         "num_cpus_per_worker": cfg.num_cpus_per_worker,
         "use_ray": cfg.use_ray,
     }
-    syn = run_embedding(syn_plan, **run)
-    ref = run_embedding(ref_plan, **run) if ref_plan is not None else None
+    syn, *rest = run_embedding([syn_plan, *([ref_plan] if ref_plan else [])], **run)
+    ref = rest[0] if rest else None
     q = {
         "dataset": cfg.dataset,
         "reference": cfg.reference,
@@ -299,10 +305,8 @@ def dataset_quality_job(cfg: QualityJob) -> dict:
         **quality_metrics(syn, ref, k=cfg.k, leakage_threshold=cfg.leakage_threshold),
         "lpips": lpips_report(cfg, syn_plan, syn),
     }
-    save_sample_grid(
-        sample_grid(syn_plan, syn, cfg.grid_identities, cfg.grid_samples),
-        storage.join(cfg.output, "samples.png"),
-        ncols=cfg.grid_samples,
+    write_sample_grid(
+        syn_plan, syn, cfg.grid_identities, cfg.grid_samples, storage.join(cfg.output, "samples.png")
     )
     q["report"] = write_report(cfg.output, f"Dataset quality: {cfg.dataset}", sections=report_sections(q))
     save_resolved(cfg, cfg.output)

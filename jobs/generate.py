@@ -22,7 +22,7 @@ from pydantic import Field
 from facesynth import shards, storage
 from facesynth.config import ConfigError, StrictModel, parse_job_args, save_resolved
 from facesynth.runtime import RayConfig, init_ray
-from synthgen.identity_embeddings import decode_images
+from synthgen.identity_embeddings import decode_images, save_npy
 from synthgen.procedural import save_grid
 from synthgen.stage import StageConfig, StageResult, run_ray
 from synthgen.uiface.generator import (
@@ -30,7 +30,6 @@ from synthgen.uiface.generator import (
     IdentitiesConfig,
     UIFaceFactory,
     identity_embeddings,
-    save_embeddings,
 )
 from synthgen.uiface.sampler import SamplerConfig
 from synthgen.uiface.train import UIFaceModelSource
@@ -50,7 +49,9 @@ class GenerateConfig(StrictModel):
     seed: int = Field(0, ge=0, description="base seed of the per-row noise seeds")
     device: str = Field("auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    threads: int | None = Field(None, ge=1, description="torch threads per generator (fix for bit-identical CPU)")
+    threads: int | None = Field(
+        None, ge=1, description="torch threads per generator (fix for bit-identical CPU)"
+    )
 
 
 @dataclass
@@ -90,11 +91,12 @@ def check(cfg: GenerateConfig) -> None:
 def prepare(cfg: GenerateConfig) -> Plan:
     """Check the config, draw the identities into ``<output>/identities.npy`` and plan the units."""
     check(cfg)
-    units = shards.plan_units(cfg.identities.count, cfg.identities.samples_per_identity,
-                              cfg.identities.identities_per_unit)
+    units = shards.plan_units(
+        cfg.identities.count, cfg.identities.samples_per_identity, cfg.identities.identities_per_unit
+    )
     embeddings = identity_embeddings(cfg.identities, cfg.model.architecture().embedding_dim)
     embeddings_uri = storage.join(cfg.output, IDENTITIES_FILE)
-    save_embeddings(embeddings, embeddings_uri)
+    save_npy(embeddings, embeddings_uri)
     factory = UIFaceFactory(cfg.model, cfg.sampler, embeddings_uri, cfg.device, cfg.dtype, cfg.threads)
     return Plan(units, factory, cfg.seed)
 
@@ -116,8 +118,9 @@ def write_grid(dataset_uri: str, rows: int, cols: int) -> str:
                 images[(rec["identity"], rec["sample"])] = rec["image"]
         if len(images) == rows * cols:
             break
-    decoded = decode_images([images[(i, s)] for i in range(rows) for s in range(cols)],
-                            _image_size(images[(0, 0)]))
+    decoded = decode_images(
+        [images[(i, s)] for i in range(rows) for s in range(cols)], _image_size(images[(0, 0)])
+    )
     uri = storage.join(dataset_uri, "grid.png")
     save_grid(decoded, rows, cols, uri)
     return uri
@@ -163,7 +166,9 @@ def generate(cfg: GenerateConfig) -> GenerateResult:
     resolved = cfg.model_dump(mode="json")
     shards.write_card(cfg.output, resolved, title="UIFace synthetic dataset")
     save_resolved(cfg, cfg.output)
-    write_grid(cfg.output, min(cfg.identities.count, GRID_MAX), min(cfg.identities.samples_per_identity, GRID_MAX))
+    write_grid(
+        cfg.output, min(cfg.identities.count, GRID_MAX), min(cfg.identities.samples_per_identity, GRID_MAX)
+    )
     result = GenerateResult(cfg.output, stage, shards.summary(cfg.output)["rows"], t0_histogram(cfg.output))
     write_report(cfg, result)
     return result
@@ -177,15 +182,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     t0 = result.t0_histogram
-    print(json.dumps({
-        "dataset": result.uri,
-        "images": result.rows,
-        "generated_now": result.stage.images,
-        "seconds": round(result.stage.seconds, 2),
-        "images_per_s": round(result.images_per_s, 3),
-        "t0_histogram": {str(k): v for k, v in t0.items()},
-        "t0_mean_switched": float(np.average(list(t0), weights=list(t0.values()))) if t0 else None,
-    }, indent=1))
+    switched = {k: v for k, v in t0.items() if k >= 0}
+    print(
+        json.dumps(
+            {
+                "dataset": result.uri,
+                "images": result.rows,
+                "generated_now": result.stage.images,
+                "seconds": round(result.stage.seconds, 2),
+                "images_per_s": round(result.images_per_s, 3),
+                "t0_histogram": {str(k): v for k, v in t0.items()},
+                "t0_mean": float(np.average(list(switched), weights=list(switched.values())))
+                if switched
+                else None,
+            },
+            indent=1,
+        )
+    )
     return 0
 
 

@@ -27,9 +27,13 @@ class TrainIdCondConfig(StrictModel):
 
     ray: RayConfig = Field(default_factory=RayConfig)
     data: str = Field(min_length=1, description="shard dataset URI of training faces")
-    judge: str | None = Field(None, description="exported FR model folder URI; null: use the 'embedding' column")
+    judge: str | None = Field(
+        None, description="exported FR model folder URI; null: use the 'embedding' column"
+    )
     output: str = Field(min_length=1, description="run folder URI: checkpoints/, model/, report.md")
-    run_name: str = Field("uiface", pattern=r"^[A-Za-z0-9_.-]+$", description="rerun with the same name resumes")
+    run_name: str = Field(
+        "uiface", pattern=r"^[A-Za-z0-9_.-]+$", description="rerun with the same name resumes"
+    )
     model: UIFaceModelSource = Field(default_factory=UIFaceModelSource)
     train: UIFaceTrainConfig = Field(default_factory=UIFaceTrainConfig)
 
@@ -69,18 +73,32 @@ def write_report(cfg: TrainIdCondConfig, result: TrainResult) -> str:
 def train(cfg: TrainIdCondConfig) -> TrainResult:
     """Run (or resume) the training job; callable from a Ray Tune trial."""
     init_ray(cfg.ray)
-    result = train_uiface(cfg.data, cfg.output, cfg.model, cfg.train, judge_uri=cfg.judge, run_name=cfg.run_name)
+    result = train_uiface(
+        cfg.data, cfg.output, cfg.model, cfg.train, judge_uri=cfg.judge, run_name=cfg.run_name
+    )
     save_resolved(cfg, cfg.output)
     write_report(cfg, result)
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_job_args(TrainIdCondConfig, argv, "Train a UIFace identity-conditioned diffusion model on Ray Train.")
+    cfg = parse_job_args(
+        TrainIdCondConfig, argv, "Train a UIFace identity-conditioned diffusion model on Ray Train."
+    )
     result = train(cfg)
-    print(json.dumps({"model": result.model_uri, "steps": result.steps, "resumed_from": result.start_step,
-                      "seconds": round(result.seconds, 1), "first_loss": result.loss_log[0]["loss"],
-                      "last_loss": result.loss_log[-1]["loss"]}, indent=1))
+    print(
+        json.dumps(
+            {
+                "model": result.model_uri,
+                "steps": result.steps,
+                "resumed_from": result.start_step,
+                "seconds": round(result.seconds, 1),
+                "first_loss": result.loss_log[0]["loss"],
+                "last_loss": result.loss_log[-1]["loss"],
+            },
+            indent=1,
+        )
+    )
     return 0
 
 

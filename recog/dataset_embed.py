@@ -1,20 +1,22 @@
-"""Embed a shard dataset with an exported face model: Ray Data actors or the same code in-process.
+"""Embed shard datasets with an exported face model: Ray Data actors or the same code in-process.
 
 :func:`plan_embedding` checks everything cheaply before any model runs (the judge's ``model.json``
 and weights file, committed rows, the image size against the judge's ``input_size``) and picks a
 deterministic subset of rows from the ``identity`` and ``sample`` columns alone. :func:`run_embedding`
-streams the committed shards through :class:`ShardEmbedder` (judge loaded once per actor; rows
-outside the subset are dropped before their PNGs are decoded) and returns the embeddings in the
-dataset's row order (committed shards in unit order, rows in file order).
-"""
+streams the committed shards of one or more planned datasets through :class:`ShardEmbedder` actors
+(the judge loaded once per actor; rows outside the subset dropped before their PNGs are decoded)
+and returns each dataset's embeddings in its row order (committed shards in unit order, rows in
+file order)."""
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 from facesynth import shards, storage
@@ -175,27 +177,37 @@ def decode_faces(images: Sequence[bytes], size: tuple[int, int], resize: bool, w
 
 
 class ShardEmbedder:
-    """Ray Data callable class: loads the judge once, then maps shard batches to embedding batches."""
+    """Ray Data callable class: loads the judge once, then maps shard batches to embedding batches.
 
-    def __init__(self, plan: EmbedPlan, device: str, batch_size: int, flip: bool, columns: Sequence[str]):
-        self.plan = plan
-        self.embedder = load_face_model(plan.judge, device=device)
+    A batch row's ``source`` column is the index of its dataset's plan in ``plans`` (all plans
+    share one judge), so one actor pool embeds several datasets in one pass.
+    """
+
+    def __init__(
+        self, plans: Sequence[EmbedPlan], device: str, batch_size: int, flip: bool, columns: Sequence[str]
+    ):
+        self.plans = list(plans)
+        self.embedder = load_face_model(plans[0].judge, device=device)
         self.batch_size = batch_size
         self.flip = flip
-        self.columns = ["sample", *columns]
+        self.columns = ["source", "identity", "sample", *columns]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        keep = self.plan.subset.mask(batch["identity"], batch["sample"])
-        out = {name: np.asarray(batch[name])[keep] for name in ("identity", *self.columns)}
-        if not keep.any():
-            out["embedding"] = np.zeros((0, self.plan.spec.embedding_dim), np.float32)
+        sources = np.unique(batch["source"]).tolist() or [0]  # an empty batch gives empty columns
+        parts = [self._embed(self.plans[source], batch, batch["source"] == source) for source in sources]
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+    def _embed(
+        self, plan: EmbedPlan, batch: dict[str, np.ndarray], rows: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        keep = np.flatnonzero(rows)
+        keep = keep[plan.subset.mask(batch["identity"][keep], batch["sample"][keep])]
+        out = {name: np.asarray(batch[name])[keep] for name in self.columns}
+        if len(keep) == 0:
+            out["embedding"] = np.zeros((0, plan.spec.embedding_dim), np.float32)
             return out
-        images = decode_faces(
-            [batch["image"][i] for i in np.flatnonzero(keep)],
-            tuple(self.plan.spec.input_size),
-            self.plan.resize,
-            f"dataset={self.plan.dataset!r}",
-        )
+        size, what = tuple(plan.spec.input_size), f"dataset={plan.dataset!r}"
+        images = decode_faces([batch["image"][i] for i in keep], size, plan.resize, what)
         out["embedding"] = self.embedder.embed(images, self.batch_size, self.flip).astype(np.float32)
         return out
 
@@ -218,8 +230,12 @@ def read_faces(plan: EmbedPlan, subset: Subset) -> tuple[np.ndarray, np.ndarray,
     return np.concatenate(images), np.concatenate(identities), np.concatenate(samples)
 
 
+def _source_column(source: int, table: pa.Table) -> pa.Array:
+    return pa.array(np.full(table.num_rows, source, np.int64))
+
+
 def run_embedding(
-    plan: EmbedPlan,
+    plans: Sequence[EmbedPlan],
     *,
     batch_size: int = 64,
     num_workers: int = 1,
@@ -228,18 +244,39 @@ def run_embedding(
     flip: bool = True,
     columns: Sequence[str] = ("t0", "prompt"),
     use_ray: bool = True,
-) -> EmbeddedDataset:
-    """Embed the planned rows, in dataset order, on ``num_workers`` Ray Data actors (CUDA when given
-    GPUs) or, with ``use_ray=False``, with the same :class:`ShardEmbedder` in this process."""
-    if batch_size < 1 or num_workers < 1:
-        raise ValueError(f"batch_size={batch_size}, num_workers={num_workers}: expected both >= 1")
+) -> list[EmbeddedDataset]:
+    """Embed the planned rows of every plan (one shared judge), each in its dataset's order.
+
+    With ``use_ray`` the datasets stream as one Ray Data pipeline through ``num_workers``
+    :class:`ShardEmbedder` actors (CUDA when given GPUs), so each actor loads the judge once;
+    otherwise the same class runs in this process.
+    """
+    if batch_size < 1 or num_workers < 1 or not plans:
+        raise ValueError(
+            f"batch_size={batch_size}, num_workers={num_workers}, {len(plans)} plans: expected >= 1 of each"
+        )
+    judges = sorted({plan.judge for plan in plans})
+    if len(judges) != 1:
+        raise ValueError(f"plans judged by {judges}: expected one shared judge")
     read = ["image", *KEY_COLUMNS, *columns]
     device = "cuda" if num_gpus_per_worker > 0 else "cpu"
-    args = {"plan": plan, "device": device, "batch_size": batch_size, "flip": flip, "columns": tuple(columns)}
+    args = {
+        "plans": tuple(plans),
+        "device": device,
+        "batch_size": batch_size,
+        "flip": flip,
+        "columns": tuple(columns),
+    }
     if use_ray:
         import ray.data
 
-        ds = shards.read_dataset(plan.dataset, columns=read, override_num_blocks=plan.shards)
+        sources = [
+            shards.read_dataset(plan.dataset, columns=read, override_num_blocks=plan.shards).add_column(
+                "source", functools.partial(_source_column, i), batch_format="pyarrow"
+            )
+            for i, plan in enumerate(plans)
+        ]
+        ds = sources[0].union(*sources[1:]) if len(sources) > 1 else sources[0]
         ds.context.execution_options.preserve_order = True
         ds = ds.map_batches(
             ShardEmbedder,
@@ -254,13 +291,24 @@ def run_embedding(
     else:
         embedder = ShardEmbedder(**args)
         parts = [
-            embedder({name: batch.column(name).to_numpy(zero_copy_only=False) for name in read})
+            embedder(
+                {"source": np.full(batch.num_rows, i)}
+                | {name: batch.column(name).to_numpy(zero_copy_only=False) for name in read}
+            )
+            for i, plan in enumerate(plans)
             for table in shards.iter_tables(plan.dataset, columns=read)
             for batch in table.to_batches(max_chunksize=batch_size)
         ]
-    merged = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-    embeddings = merged.pop("embedding").astype(np.float32)
-    return EmbeddedDataset(embeddings, merged.pop("identity").astype(np.int64), merged)
+    merged = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    source = merged.pop("source")
+    return [
+        EmbeddedDataset(
+            embeddings=merged["embedding"][source == i].astype(np.float32),
+            identities=merged["identity"][source == i].astype(np.int64),
+            columns={name: merged[name][source == i] for name in ("sample", *columns)},
+        )
+        for i in range(len(plans))
+    ]
 
 
 def embed_dataset(
@@ -280,4 +328,4 @@ def embed_dataset(
         max_images_per_identity=max_images_per_identity,
         resize=resize,
     )
-    return run_embedding(plan, **run_kwargs)
+    return run_embedding([plan], **run_kwargs)[0]

@@ -2,9 +2,9 @@
 
 Protocol (same numbers as insightface on the same embeddings):
 
-- an image's embedding is the flip-fused embedding of ``facesynth.face_model.embed_images``: model outputs of the image and of its
-  horizontal mirror are summed and L2-normalised (``flip_fusion="sum"``), or fused with AdaFace's
-  norm weighting (``"norm_weighted"``);
+- an image's embedding is the flip-fused embedding of ``facesynth.face_model.embed_images``: model
+  outputs of the image and of its horizontal mirror are summed and L2-normalised
+  (``flip_fusion="sum"``), or fused with AdaFace's norm weighting (``"norm_weighted"``);
 - the distance of a pair is the squared L2 distance of the normalised embeddings (0..4);
 - pairs are cut into ``nrof_folds`` contiguous folds with the boundaries of
   ``sklearn.model_selection.KFold(nrof_folds, shuffle=False)``; with one fold train = test = all;

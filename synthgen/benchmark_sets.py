@@ -14,8 +14,8 @@ Written at ``out_uri``:
 - ``ijbc-like/``: IJB-C-style templates for TAR@FMR: ``templates.parquet`` (one row per image: ``image``
   PNG bytes, ``template_id``, ``media_id``, ``identity``, ``sample_seed``) and ``pairs.parquet``
   (``template_1``, ``template_2``, ``issame``). Every identity has two templates; a template holds one or
-  two media (capture sessions sharing pose and light) of one to three frames each. One pair in ten is
-  genuine. :func:`read_template_set` reads the folder back.
+  two media (capture sessions: one of 91 pose-neighbourhood x light-direction settings) of one to three
+  frames each. One pair in ten is genuine. :func:`read_template_set` reads the folder back.
 - ``benchmark.json``: the summary returned by :func:`build_benchmark`, written last.
 """
 
@@ -41,9 +41,16 @@ PAIR_SETS = {"lfw-like": 6000, "cfp-fp-like": 7000, "agedb-like": 6000}  # the s
 TEMPLATE_SET = "ijbc-like"
 DEFAULT_TEMPLATE_PAIRS = 20_000
 IMPOSTORS_PER_GENUINE = 9
+RENDER_BATCH = 1024
 FRONTAL = {"yaw_range": (-5.0, 5.0)}
 PROFILES = ({"yaw_range": (-85.0, -65.0)}, {"yaw_range": (65.0, 85.0)})
 YOUNG, OLD = {"age_range": (0.0, 0.15)}, {"age_range": (0.7, 1.0)}
+# Capture sessions of the template set: frames of one media share a pose neighbourhood and the light direction.
+SESSIONS = tuple(
+    {"yaw_range": (yaw - 5.0, yaw + 5.0), "light_azimuth_range": (azimuth - 5.0, azimuth + 5.0)}
+    for yaw in range(-60, 61, 10)
+    for azimuth in range(-60, 61, 20)
+)
 # Per pair set: the view each image is rendered under; chosen by _assign_views.
 VIEWS: dict[str, tuple[dict | None, ...]] = {
     "lfw-like": (None,),
@@ -163,13 +170,13 @@ def _render(
     images: list[bytes] = [b""] * len(ids)
     yaw, age = np.zeros(len(ids)), np.zeros(len(ids))
     for view, override in enumerate(overrides):
-        rows = np.flatnonzero(views == view)
-        if not len(rows):
-            continue
-        batch = render_faces(ids[rows], seeds[rows], style=style, size=size, overrides=override)
-        yaw[rows], age[rows] = batch.nuisance["yaw"], batch.nuisance["age"]
-        for row, image in zip(rows, batch.images):
-            images[row] = encode_png(image)
+        group = np.flatnonzero(views == view)
+        for start in range(0, len(group), RENDER_BATCH):  # bounded memory: only PNG bytes are kept
+            rows = group[start : start + RENDER_BATCH]
+            batch = render_faces(ids[rows], seeds[rows], style=style, size=size, overrides=override)
+            yaw[rows], age[rows] = batch.nuisance["yaw"], batch.nuisance["age"]
+            for row, image in zip(rows, batch.images):
+                images[row] = encode_png(image)
     return _Rendered(images, yaw, age)
 
 
@@ -214,34 +221,16 @@ def _build_pair_set(out_uri, name, n_pairs, pool, rng, style, size) -> dict:
 def _build_template_set(out_uri, name, n_pairs, pool, rng, style, size) -> dict:
     genuine = n_pairs // (IMPOSTORS_PER_GENUINE + 1)
     identities = rng.choice(pool, size=genuine, replace=False)
-    rows: dict[str, list] = {
-        "image": [],
-        "template_id": [],
-        "media_id": [],
-        "identity": [],
-        "sample_seed": [],
-    }
-    media_id = 0
-    for template in range(2 * genuine):
-        identity = identities[template // 2]
-        for _ in range(int(rng.integers(1, 3))):
-            frames = int(rng.integers(1, 4))
-            seeds = rng.integers(0, 2**62, size=frames)
-            yaw = float(rng.uniform(-60.0, 60.0))
-            session = {  # what one capture session shares: pose neighbourhood and lighting
-                "yaw_range": (yaw - 5.0, yaw + 5.0),
-                "light_azimuth": float(rng.uniform(-70.0, 70.0)),
-                "light_elevation": float(rng.uniform(-10.0, 50.0)),
-                "light_intensity": float(rng.uniform(0.35, 0.75)),
-                "ambient": float(rng.uniform(0.45, 0.7)),
-            }
-            batch = render_faces(np.full(frames, identity), seeds, style=style, size=size, overrides=session)
-            rows["image"] += [encode_png(image) for image in batch.images]
-            rows["template_id"] += [template] * frames
-            rows["media_id"] += [media_id] * frames
-            rows["identity"] += [int(identity)] * frames
-            rows["sample_seed"] += seeds.tolist()
-            media_id += 1
+    # Each template holds 1-2 media of 1-3 frames; the frames of one media share a capture session.
+    media_per_template = rng.integers(1, 3, size=2 * genuine)
+    media_template = np.repeat(np.arange(2 * genuine), media_per_template)
+    frames = rng.integers(1, 4, size=len(media_template))
+    media = np.repeat(np.arange(len(media_template)), frames)
+    template = media_template[media]
+    ids = identities[template // 2]
+    seeds = rng.integers(0, 2**62, size=len(media))
+    session = rng.integers(len(SESSIONS), size=len(media_template))[media]
+    rendered = _render(ids, seeds, session, SESSIONS, style, size)
     # Genuine pairs: the two templates of each identity. Impostor k pairs identity i = k mod G with identity
     # (i + 1 + k div G) mod G, so all impostor pairs are distinct; either template of each side.
     k = np.arange(IMPOSTORS_PER_GENUINE * genuine)
@@ -250,20 +239,24 @@ def _build_template_set(out_uri, name, n_pairs, pool, rng, style, size) -> dict:
     template_2 = np.concatenate(
         [2 * np.arange(genuine) + 1, 2 * second_identity + rng.integers(2, size=len(k))]
     )
-    issame = np.arange(n_pairs) < genuine
     folder = storage.join(out_uri, name)
-    _write_parquet(storage.join(folder, "templates.parquet"), rows)
-    _write_parquet(
-        storage.join(folder, "pairs.parquet"),
-        {"template_1": template_1, "template_2": template_2, "issame": issame},
-    )
+    columns = {
+        "image": rendered.images,
+        "template_id": template,
+        "media_id": media,
+        "identity": ids,
+        "sample_seed": seeds,
+    }
+    _write_parquet(storage.join(folder, "templates.parquet"), columns)
+    pairs = {"template_1": template_1, "template_2": template_2, "issame": np.arange(n_pairs) < genuine}
+    _write_parquet(storage.join(folder, "pairs.parquet"), pairs)
     return {
         "path": folder,
         "pairs": n_pairs,
         "positives": genuine,
         "templates": 2 * genuine,
-        "media": media_id,
-        "images": len(rows["image"]),
+        "media": len(media_template),
+        "images": len(media),
     }
 
 

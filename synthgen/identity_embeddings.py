@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from facesynth import shards
+from facesynth import shards, storage
 
 
 def decode_images(encoded: Sequence[bytes], size: tuple[int, int]) -> np.ndarray:
@@ -52,18 +52,49 @@ def to_training_rows(batch: dict, image_size: int) -> dict:
     }
 
 
-def training_dataset(data_uri: str, image_size: int, *, judge_uri: str | None = None, judge_batch_size: int = 256,
-                     judge_num_gpus: float = 0.0):
-    """A Ray Dataset of ``pixels`` + ``embedding`` rows from the committed shards of ``data_uri``.
+def identity_means(embedded) -> tuple[np.ndarray, np.ndarray]:
+    """Per-identity mean embeddings, L2-normalised, of a dataset with ``identity`` and ``embedding`` columns:
+    ``(identities int64 (n,), means float32 (n, D))`` sorted by identity."""
+    sums: dict[int, np.ndarray] = {}
+    for batch in embedded.select_columns(["identity", "embedding"]).iter_batches(batch_format="numpy"):
+        for identity, emb in zip(batch["identity"], batch["embedding"]):
+            emb = np.asarray(emb, dtype=np.float64)
+            sums[int(identity)] = sums.get(int(identity), 0) + emb / np.linalg.norm(emb)
+    ids = np.array(sorted(sums), dtype=np.int64)
+    means = np.stack([sums[i] for i in ids])
+    return ids, (means / np.linalg.norm(means, axis=1, keepdims=True)).astype(np.float32)
+
+
+def save_npy(array: np.ndarray, uri: str) -> None:
+    """Write an array as ``.npy`` to any storage URI (no pickles)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    storage.write_bytes(uri, buffer.getvalue())
+
+
+def load_npy(uri: str) -> np.ndarray:
+    """Read a ``.npy`` array from any storage URI (pickled objects are refused)."""
+    return np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False)
+
+
+def embedded_dataset(
+    data_uri: str, *, judge_uri: str | None = None, judge_batch_size: int = 256, judge_num_gpus: float = 0.0
+):
+    """A Ray Dataset of ``image`` + ``identity`` + ``embedding`` rows from the committed shards of ``data_uri``
+    (map it with :func:`to_training_rows` to train).
 
     With ``judge_uri`` the embeddings are computed by the judge (one actor, materialised before training);
     without it the shards' ``embedding`` column is used.
     """
-    columns = ["image"] if judge_uri is not None else ["image", "embedding"]
+    columns = ["image", "identity"] if judge_uri is not None else ["image", "identity", "embedding"]
     ds = shards.read_dataset(data_uri, columns=columns)
     if judge_uri is not None:
-        ds = ds.map_batches(JudgeEmbedder, fn_constructor_kwargs={"judge_uri": judge_uri,
-                                                                  "batch_size": judge_batch_size},
-                            batch_size=judge_batch_size, num_gpus=judge_num_gpus, concurrency=1,
-                            batch_format="numpy").materialize()
-    return ds.map_batches(to_training_rows, fn_kwargs={"image_size": image_size}, batch_format="numpy")
+        ds = ds.map_batches(
+            JudgeEmbedder,
+            fn_constructor_kwargs={"judge_uri": judge_uri, "batch_size": judge_batch_size},
+            batch_size=judge_batch_size,
+            num_gpus=judge_num_gpus,
+            concurrency=1,
+            batch_format="numpy",
+        ).materialize()
+    return ds

@@ -18,7 +18,7 @@ from facesynth.face_model import load_face_model
 from jobs.dataset_quality import QualityJob, dataset_quality_job, main
 from recog import quality
 from recog.backbones import build_backbone
-from recog.dataset_embed import choose_subset, embed_dataset, plan_embedding
+from recog.dataset_embed import choose_subset, embed_dataset, plan_embedding, run_embedding
 from recog.export import export_embedder
 from synthgen.procedural.generator import ProceduralConfig, ProceduralGenerator
 from synthgen.stage import StageConfig, run_plain
@@ -72,18 +72,23 @@ def data(tmp_path_factory):
     }
 
 
+@functools.cache
 def direct(uri: str, judge: str, resize_to: int | None = None) -> dict:
     """Embeddings of every row computed here, independently of the job's code."""
     rows = list(shards.iter_rows(uri))
-    images = [Image.open(io.BytesIO(r["image"])).convert("RGB") for r in rows]
+    images = np.stack([np.asarray(Image.open(io.BytesIO(r["image"])).convert("RGB")) for r in rows])
+    judged = images
     if resize_to:
-        images = [im.resize((resize_to, resize_to), Image.Resampling.BILINEAR) for im in images]
+        size = (resize_to, resize_to)
+        judged = np.stack(
+            [np.asarray(Image.fromarray(im).resize(size, Image.Resampling.BILINEAR)) for im in images]
+        )
     return {
-        "emb": load_face_model(judge).embed(np.stack([np.asarray(im) for im in images]), batch_size=16),
+        "emb": load_face_model(judge).embed(judged, batch_size=16),
         "ids": np.array([r["identity"] for r in rows]),
         "samples": np.array([r["sample"] for r in rows]),
         "t0": np.array([r["t0"] for r in rows]),
-        "images": np.stack([np.asarray(Image.open(io.BytesIO(r["image"])).convert("RGB")) for r in rows]),
+        "images": images,
     }
 
 
@@ -118,7 +123,7 @@ def test_job_numbers_equal_quality_functions_on_direct_embeddings(data, ray_loca
             "leakage_threshold=0.995",
             "lpips=true",
             "grid_identities=3",
-            "grid_samples=4",
+            "grid_samples=6",
         ]
     )
     assert json.loads(storage.read_bytes(storage.join(out, "quality.json"))) == json.loads(json.dumps(q))
@@ -147,7 +152,11 @@ def test_job_numbers_equal_quality_functions_on_direct_embeddings(data, ray_loca
     assert q["precision_recall"] == pr  # fractions of 48 points: identical, not just close
     np.testing.assert_allclose(q["fid"], quality.fid(ref["emb"], e), rtol=1e-3, atol=1e-5)
 
-    # identical images give identical centres: exactly the shared identities leak, onto themselves
+    # per-row seeds give the shared identities identical images in both sets, hence identical
+    # centres: exactly the shared identities leak, onto themselves
+    np.testing.assert_array_equal(
+        syn["images"][np.isin(ids, SHARED)], ref["images"][np.isin(ref["ids"], SHARED)]
+    )
     leaks = quality.identity_leakage(e, ids, ref["emb"], ref["ids"], 0.995)
     flagged = q["leakage"]["flagged"]
     assert [r["synthetic_identity"] for r in flagged] == SHARED
@@ -158,8 +167,7 @@ def test_job_numbers_equal_quality_functions_on_direct_embeddings(data, ray_loca
 
     assert q["t0_histogram"] == {"t0": list(T0), "count": [IDS * SAMPLES // 2] * 2, "single_stage_rows": 0}
     reason = quality.lpips_unavailable_reason("alex")
-    if reason is not None:
-        assert q["lpips"] == {"status": "skipped", "reason": reason}
+    assert q["lpips"] == {"status": "skipped", "reason": reason} if reason else q["lpips"]["status"] == "ok"
 
     report = storage.read_bytes(storage.join(out, "report.md")).decode()
     for identity in SHARED:
@@ -180,22 +188,22 @@ def test_job_numbers_equal_quality_functions_on_direct_embeddings(data, ray_loca
 
 
 def test_ray_embeddings_equal_in_process_ones_in_dataset_order(data, ray_local):
-    got = embed_dataset(
-        data["syn"],
-        data["judge"],
-        max_identities=5,
-        max_images_per_identity=3,
-        batch_size=3,
-        num_workers=2,
-        num_cpus_per_worker=0.5,
-    )
-    ref = direct(data["syn"], data["judge"])
-    keep = np.isin(ref["ids"], [0, 2, 5, 8, 11]) & (ref["samples"] < 3)
-    np.testing.assert_array_equal(got.identities, ref["ids"][keep])
-    np.testing.assert_array_equal(got.columns["sample"], ref["samples"][keep])
-    np.testing.assert_array_equal(got.columns["t0"], ref["t0"][keep])
-    assert got.embeddings.dtype == np.float32 and got.embeddings.shape == (15, 32)
-    np.testing.assert_allclose(got.embeddings, ref["emb"][keep], atol=1e-5)
+    """Two datasets through one actor pool, batches (5 rows) straddling shards (8 and 12 rows)."""
+    plans = [
+        plan_embedding(data["syn"], data["judge"], max_identities=5, max_images_per_identity=3),
+        plan_embedding(data["ref"], data["judge"]),
+    ]
+    got = run_embedding(plans, batch_size=5, num_workers=2, num_cpus_per_worker=0.5)
+    syn, ref = direct(data["syn"], data["judge"]), direct(data["ref"], data["judge"])
+    keep = np.isin(syn["ids"], [0, 2, 5, 8, 11]) & (syn["samples"] < 3)
+    for emb, want, rows in [(got[0], syn, keep), (got[1], ref, slice(None))]:
+        np.testing.assert_array_equal(emb.identities, want["ids"][rows])
+        np.testing.assert_array_equal(emb.columns["sample"], want["samples"][rows])
+        np.testing.assert_array_equal(emb.columns["t0"], want["t0"][rows])
+        assert emb.embeddings.dtype == np.float32
+        np.testing.assert_allclose(emb.embeddings, want["emb"][rows], atol=1e-5)
+    assert got[0].embeddings.shape == (15, 32) and len(got[1].identities) == IDS * SAMPLES
+    assert set(got[0].columns) == {"sample", "t0", "prompt"}
 
 
 def test_size_mismatch_is_an_error_unless_resize(data):

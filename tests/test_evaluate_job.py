@@ -41,14 +41,14 @@ def model(tmp_path_factory) -> str:
 
 
 def _cfg(model: str, bench: str, output: str, **changes) -> EvaluateJob:
-    return EvaluateJob(
-        model=model,
-        sets=[{"uri": f"{bench}/lfw-like.bin"}, {"uri": f"{bench}/cfp-fp-like.bin", "name": "cfp"}],
-        tar_pairs=[{"uri": f"{bench}/ijbc-like"}],
-        output=output,
-        batch_size=64,
-        **changes,
-    )
+    base = {
+        "model": model,
+        "sets": [{"uri": f"{bench}/lfw-like.bin"}, {"uri": f"{bench}/cfp-fp-like.bin", "name": "cfp"}],
+        "tar_pairs": [{"uri": f"{bench}/ijbc-like"}],
+        "output": output,
+        "batch_size": 64,
+    }
+    return EvaluateJob.model_validate(base | changes)
 
 
 def _direct_pairs(model: str, uri: str, **overrides):
@@ -139,13 +139,17 @@ def test_overrides_and_cli(model, bench, tmp_path, capsys):
 
 
 def test_ray_actors_give_the_in_process_numbers(model, bench, tmp_path, ray_local):
-    local = evaluate(_cfg(model, bench, str(tmp_path / "local"), tar_pairs=[]))
-    spread = evaluate(_cfg(model, bench, str(tmp_path / "ray"), tar_pairs=[], num_workers=2))
+    local = evaluate(_cfg(model, bench, str(tmp_path / "local")))
+    spread = evaluate(_cfg(model, bench, str(tmp_path / "ray"), num_workers=2))
     for name in ("lfw-like", "cfp"):
         a, b = local["sets"][name], spread["sets"][name]
         assert b["accuracy"] == pytest.approx(a["accuracy"], abs=1e-12)
         assert b["val_at_far_1e-3"] == pytest.approx(a["val_at_far_1e-3"], abs=1e-12)
+        assert b["xnorm"] == pytest.approx(a["xnorm"], rel=1e-6)
         assert b["tar_at_fmr"] == pytest.approx(a["tar_at_fmr"], abs=1e-12)
+    assert spread["tar_pairs"]["ijbc-like"]["tar_at_fmr"] == pytest.approx(
+        local["tar_pairs"]["ijbc-like"]["tar_at_fmr"], abs=1e-12
+    )
 
 
 def _bad_bins(tmp_path, bench) -> dict[str, tuple[str, str]]:

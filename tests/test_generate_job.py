@@ -25,8 +25,14 @@ torch.set_num_threads(2)
 
 # 5 DDIM steps: timesteps 800, 600, 400, 200, 0
 BASE = [
-    "model.overrides.image_size=16", "sampler.steps=5", "identities.count=4", "identities.samples_per_identity=2",
-    "identities.identities_per_unit=1", "stage.batch_size=4", "stage.commit_every_s=0", "threads=1",
+    "model.overrides.image_size=16",
+    "sampler.steps=5",
+    "identities.count=4",
+    "identities.samples_per_identity=2",
+    "identities.identities_per_unit=1",
+    "stage.batch_size=4",
+    "stage.commit_every_s=0",
+    "threads=1",
 ]
 
 
@@ -48,8 +54,13 @@ def test_ray_job_equals_plain_loop_and_records_adaptive_t0(ray_local, tmp_path):
     overrides = ("sampler.step_th=200", "sampler.threshold=0.1", "stage.max_actors=2", "stage.num_cpus=0.5")
     result = generate(config(tmp_path / "ray", *overrides))
     plan = prepare(config(tmp_path / "plain", *overrides))
-    run_plain(plan.units, plan.factory, str(tmp_path / "plain"), base_seed=plan.base_seed,
-              cfg=StageConfig(batch_size=3))
+    run_plain(
+        plan.units,
+        plan.factory,
+        str(tmp_path / "plain"),
+        base_seed=plan.base_seed,
+        cfg=StageConfig(batch_size=3),
+    )
     assert shas(tmp_path / "ray") == shas(tmp_path / "plain") and len(shas(tmp_path / "ray")) == 4
     assert shards.verify(str(tmp_path / "ray")) == []
     table = rows(tmp_path / "ray")
@@ -73,15 +84,20 @@ def test_single_stage_records_minus_one_and_fixed_the_first_step_at_or_below_t0(
     run_plain(plan.units, plan.factory, str(tmp_path), base_seed=plan.base_seed, cfg=StageConfig())
     table = rows(tmp_path)
     assert [r["t0"] for r in table] == [t0] * 4
-    assert '"mode":"%s"' % mode in table[0]["params"]
+    assert f'"mode":"{mode}"' in table[0]["params"]
 
 
 @pytest.mark.parametrize(
     ("override", "key"),
-    [("sampler.guidance=-1", "sampler.guidance"), ("sampler.t0=1000", "sampler.t0"),
-     ("sampler.step_th=5000", "sampler.step_th"), ("identities.count=-3", "identities.count"),
-     ("identities.samples_per_identity=0", "identities.samples_per_identity"),
-     ("stage.batch_size=0", "stage.batch_size"), ("model.preset=huge", "model")],
+    [
+        ("sampler.guidance=-1", "sampler.guidance"),
+        ("sampler.t0=1000", "sampler.t0"),
+        ("sampler.step_th=5000", "sampler.step_th"),
+        ("identities.count=-3", "identities.count"),
+        ("identities.samples_per_identity=0", "identities.samples_per_identity"),
+        ("stage.batch_size=0", "stage.batch_size"),
+        ("model.preset=huge", "model"),
+    ],
 )
 def test_bad_config_fails_before_any_work(tmp_path, capsys, override, key):
     out = tmp_path / "never"
@@ -94,18 +110,30 @@ def test_bad_config_fails_before_any_work(tmp_path, capsys, override, key):
     assert key in capsys.readouterr().err
     assert not out.exists()
     if override == "sampler.t0=1000":  # checked against the model's schedule, not by the field type
-        with pytest.raises(ConfigError, match=r"sampler.t0: 1000 is outside the model's schedule \[-1, 999\]"):
+        with pytest.raises(
+            ConfigError, match=r"sampler.t0: 1000 is outside the model's schedule \[-1, 999\]"
+        ):
             prepare(config(out, override))
 
 
 @pytest.mark.slow
 def test_killed_job_resumes_to_the_uninterrupted_dataset(ray_local, tmp_path):
     killed = tmp_path / "killed"
-    args = [sys.executable, "-m", "jobs.generate", "--config", "uiface-tiny", *BASE, f"output={killed}",
-            "identities.count=10", "sampler.steps=8"]
+    args = [
+        sys.executable,
+        "-m",
+        "jobs.generate",
+        "--config",
+        "uiface-tiny",
+        *BASE,
+        f"output={killed}",
+        "identities.count=10",
+        "sampler.steps=8",
+    ]
     env = {**os.environ, "FACESYNTH_PROGRESS": "0", "RAY_ADDRESS": "", "PYTHONPATH": ROOT}
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.time() + 240
         while len(manifest.load(str(killed)).shards) < 2:

@@ -44,16 +44,26 @@ def faces(tmp_path_factory):
 
 def _stream(sources, labels, cfg: DataConfig, epochs: int, seed: int = 0) -> list[dict]:
     """Run the Ray Data UDF by hand over the plan: the rows of ``epochs`` epochs in stream order."""
-    extra = {(e, i): epoch_extra_keys(s.keys, q % s.rows, seed, e, i) for e in range(epochs)
-             for i, (s, q) in enumerate(zip(sources, epoch_quotas([s.rows for s in sources],
-                                                                  [s.spec.weight for s in sources],
-                                                                  cfg.epoch_rows), strict=True)) if q % s.rows}
+    extra = {
+        (e, i): epoch_extra_keys(s.keys, q % s.rows, seed, e, i)
+        for e in range(epochs)
+        for i, (s, q) in enumerate(
+            zip(
+                sources,
+                epoch_quotas([s.rows for s in sources], [s.spec.weight for s in sources], cfg.epoch_rows),
+                strict=True,
+            )
+        )
+        if q % s.rows
+    }
     out = []
     for chunk in chunk_plan(sources, cfg, seed=seed, epochs=epochs):
         batch = {k: np.array([v]) for k, v in chunk.items()}
         for part in read_chunks(batch, sources, labels, extra, cfg, 32, seed):
-            out += [{"epoch": chunk["epoch"], "source": chunk["source"], "image": im, "label": int(lb)}
-                    for im, lb in zip(part["image"], part["label"], strict=True)]
+            out += [
+                {"epoch": chunk["epoch"], "source": chunk["source"], "image": im, "label": int(lb)}
+                for im, lb in zip(part["image"], part["label"], strict=True)
+            ]
     return out
 
 
@@ -89,8 +99,11 @@ def test_epoch_quotas_use_largest_remainders():
 
 
 def test_mixing_gives_exact_per_epoch_ratios_and_unaugmented_pixels(faces):
-    cfg = DataConfig(datasets=[{"uri": faces[0], "weight": 0.25}, {"uri": faces[1], "weight": 0.75}],
-                     epoch_rows=24, augment=[])
+    cfg = DataConfig(
+        datasets=[{"uri": faces[0], "weight": 0.25}, {"uri": faces[1], "weight": 0.75}],
+        epoch_rows=24,
+        augment=[],
+    )
     sources, labels = inspect_data(cfg, 32)
     assert labels.num_classes == 6 and [s.rows for s in sources] == [16, 8]
     rows = _stream(sources, labels, cfg, epochs=2)
@@ -104,7 +117,9 @@ def test_mixing_gives_exact_per_epoch_ratios_and_unaugmented_pixels(faces):
     table = {}
     for i, uri in enumerate(faces):
         for r in shards.iter_rows(uri, columns=["image", "identity"]):
-            table[decode_rgb(r["image"], "x").transpose(2, 0, 1).tobytes()] = labels.classes(i, np.array([r["identity"]]))[0]
+            table[decode_rgb(r["image"], "x").transpose(2, 0, 1).tobytes()] = labels.classes(
+                i, np.array([r["identity"]])
+            )[0]
     assert all(table[r["image"].tobytes()] == r["label"] for r in rows)
     assert steps_per_epoch(sources, cfg, num_workers=2, batch_size=4) == 3
 
@@ -114,7 +129,9 @@ def test_plain_pass_is_a_permutation_and_augmentation_differs_by_epoch(faces):
     sources, labels = inspect_data(cfg, 32)
     rows = _stream(sources, labels, cfg, epochs=2)
     assert len(rows) == 32
-    assert [Counter(r["label"] for r in rows if r["epoch"] == e) for e in (0, 1)] == [{0: 4, 1: 4, 2: 4, 3: 4}] * 2
+    assert [Counter(r["label"] for r in rows if r["epoch"] == e) for e in (0, 1)] == [
+        {0: 4, 1: 4, 2: 4, 3: 4}
+    ] * 2
     again = _stream(sources, labels, cfg, epochs=2)
     assert all(np.array_equal(a["image"], b["image"]) for a, b in zip(rows, again, strict=True))
     first = {r["image"].tobytes() for r in rows if r["epoch"] == 0}
@@ -124,7 +141,9 @@ def test_plain_pass_is_a_permutation_and_augmentation_differs_by_epoch(faces):
 def test_label_spaces_and_their_json_round_trip(faces):
     sources, per = inspect_data(DataConfig(datasets=[{"uri": faces[0]}, {"uri": faces[1]}]), 32)
     np.testing.assert_array_equal(per.classes(1, np.array([1, 0])), [5, 4])
-    _, shared = inspect_data(DataConfig(datasets=[{"uri": faces[0]}, {"uri": faces[1]}], label_space="shared"), 32)
+    _, shared = inspect_data(
+        DataConfig(datasets=[{"uri": faces[0]}, {"uri": faces[1]}], label_space="shared"), 32
+    )
     assert shared.num_classes == 4
     np.testing.assert_array_equal(shared.classes(1, np.array([1, 0])), [1, 0])
     for m in (per, shared):
@@ -147,25 +166,38 @@ def test_image_folder_and_recordio_sources(tmp_path):
     for (label, k), image in images.items():
         os.makedirs(tmp_path / "folder" / f"person{label}", exist_ok=True)
         (tmp_path / "folder" / f"person{label}" / f"{k}.png").write_bytes(_png(image))
-    write_recordio(str(tmp_path / "train.rec"), str(tmp_path / "train.idx"),
-                   [(_png(im), label) for (label, _), im in images.items()])
-    cfg = DataConfig(datasets=[{"uri": str(tmp_path / "folder"), "kind": "folder"},
-                               {"uri": str(tmp_path / "train.rec"), "kind": "recordio"}], augment=[])
+    write_recordio(
+        str(tmp_path / "train.rec"),
+        str(tmp_path / "train.idx"),
+        [(_png(im), label) for (label, _), im in images.items()],
+    )
+    cfg = DataConfig(
+        datasets=[
+            {"uri": str(tmp_path / "folder"), "kind": "folder"},
+            {"uri": str(tmp_path / "train.rec"), "kind": "recordio"},
+        ],
+        augment=[],
+    )
     sources, labels = inspect_data(cfg, 32)
     assert [s.rows for s in sources] == [6, 6] and labels.num_classes == 4
     rows = _stream(sources, labels, cfg, epochs=1)
-    expected = {(i * 2 + label, im.transpose(2, 0, 1).tobytes()) for i in range(2)
-                for (label, _), im in images.items()}
+    expected = {
+        (i * 2 + label, im.transpose(2, 0, 1).tobytes())
+        for i in range(2)
+        for (label, _), im in images.items()
+    }
     assert len(rows) == 12 and {(r["label"], r["image"].tobytes()) for r in rows} == expected
 
 
 def test_augmentations_follow_their_definitions():
     image = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (3, 16, 16), np.uint8))
     augs = TypeAdapter(AugmentList).validate_python(
-        [{"name": "flip", "p": 1.0}, {"name": "crop", "scale": [1, 1], "ratio": [1, 1]}])
+        [{"name": "flip", "p": 1.0}, {"name": "crop", "scale": [1, 1], "ratio": [1, 1]}]
+    )
     assert torch.equal(augment_image(image, augs, row_rng(0, 0, 1, 0)), image.flip(-1))
-    grey = augment_image(image, TypeAdapter(AugmentList).validate_python([{"name": "grayscale", "p": 1}]),
-                         row_rng(0, 0, 1, 0))
+    grey = augment_image(
+        image, TypeAdapter(AugmentList).validate_python([{"name": "grayscale", "p": 1}]), row_rng(0, 0, 1, 0)
+    )
     formula = (0.2989 * image[0] + 0.587 * image[1] + 0.114 * image[2]).float()
     assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
     assert (grey[0].float() - formula).abs().max() <= 1.0
@@ -180,10 +212,15 @@ def test_augmentations_follow_their_definitions():
 
 def test_config_names_the_bad_key():
     base = ["output=/tmp/x", "data.datasets=[{uri: /tmp/d}]", "train.steps=10"]
-    cases = {"model.backbone=iresnet7": "model.backbone", "model.head=sphereface": "model.head",
-             "optim.name=lamb": "optim.name", "data.augment=[{name: cutout}]": "data.augment.0",
-             "data.augment=[{name: crop, scale: [0.9, 0.5]}]": "data.augment.0.crop",
-             "optim.warmup_steps=10": "warmup_steps", "model.sample_rate=0": "model.sample_rate"}
+    cases = {
+        "model.backbone=iresnet7": "model.backbone",
+        "model.head=sphereface": "model.head",
+        "optim.name=lamb": "optim.name",
+        "data.augment=[{name: cutout}]": "data.augment.0",
+        "data.augment=[{name: crop, scale: [0.9, 0.5]}]": "data.augment.0.crop",
+        "optim.warmup_steps=10": "warmup_steps",
+        "model.sample_rate=0": "model.sample_rate",
+    }
     for override, key in cases.items():
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config(TrainConfig, None, [*base, override])
@@ -203,11 +240,19 @@ def test_bad_input_fails_before_training_and_writes_nothing(tmp_path, faces):
         (tiny_config(out, [one]), r"1 identity in all; .* at least 2 identities"),
         (tiny_config(out, [big]), r"images are 48x48 pixels, expected model.input_size=32"),
         (tiny_config(out, [broken]), r"shard .*part-00001.parquet is not readable parquet"),
-        (tiny_config(out, [broken], "data.verify=sha256"), r"unreadable shards: shards/part-00001.parquet: sha256"),
-        (tiny_config(out, [faces[0]], "model.backbone=resnet18", "model.width=0.5"), r"model \('resnet18'.*width=0.5"),
+        (
+            tiny_config(out, [broken], "data.verify=sha256"),
+            r"unreadable shards: shards/part-00001.parquet: sha256",
+        ),
+        (
+            tiny_config(out, [faces[0]], "model.backbone=resnet18", "model.width=0.5"),
+            r"model \('resnet18'.*width=0.5",
+        ),
         (tiny_config(out, [faces[0]], "model.head=arcface", "model.m3=0.2"), r"head 'arcface' takes only"),
-        (tiny_config(out, [faces[0]], "train.batch_size=64", "scaling.num_workers=2"),
-         r"train.batch_size=64: an epoch has 16 rows"),
+        (
+            tiny_config(out, [faces[0]], "train.batch_size=64", "scaling.num_workers=2"),
+            r"train.batch_size=64: an epoch has 16 rows",
+        ),
     ]
     for cfg, message in cases:
         with pytest.raises(ValueError, match=message):

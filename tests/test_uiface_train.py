@@ -13,7 +13,7 @@ from torch import nn
 
 from facesynth import shards, storage
 from jobs.train_idcond import TrainIdCondConfig, train
-from synthgen.identity_embeddings import JudgeEmbedder
+from synthgen.identity_embeddings import JudgeEmbedder, load_npy
 from synthgen.stage import Generated, Generator, StageConfig, run_plain
 from synthgen.uiface.model import preset
 from synthgen.uiface.sampler import SamplerConfig, sample
@@ -46,8 +46,13 @@ class Patterns(Generator):
             shift = np.random.default_rng(int(s)).integers(0, 3, 2)
             images.append(np.roll(base, tuple(shift), (0, 1))[:20, :20].astype(np.uint8))
         n = len(identities)
-        return Generated(images=np.stack(images), identity_names=[f"p{i}" for i in identities], prompts=[""] * n,
-                         params=[{}] * n, embeddings=IDENTITY_VECTORS[identities])
+        return Generated(
+            images=np.stack(images),
+            identity_names=[f"p{i}" for i in identities],
+            prompts=[""] * n,
+            params=[{}] * n,
+            embeddings=IDENTITY_VECTORS[identities],
+        )
 
 
 @pytest.fixture(scope="module")
@@ -64,19 +69,40 @@ def judge(tmp_path_factory):
     torch.manual_seed(0)
     net = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(48, DIM)).eval()
     torch.jit.save(torch.jit.script(net), str(folder / "model.pt"))
-    spec = {"format": "torchscript", "file": "model.pt", "input_size": [24, 24], "mean": [0.5] * 3,
-            "std": [0.5] * 3, "channel_order": "RGB", "embedding_dim": DIM, "flip_fusion": "sum"}
+    spec = {
+        "format": "torchscript",
+        "file": "model.pt",
+        "input_size": [24, 24],
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+        "channel_order": "RGB",
+        "embedding_dim": DIM,
+        "flip_fusion": "sum",
+    }
     (folder / "model.json").write_text(json.dumps(spec))
     return str(folder)
 
 
 def job(data, output, **overrides) -> TrainIdCondConfig:
-    train_cfg = {"batch_size": 8, "lr": 1e-3, "log_every": 2, "checkpoint_every": 10, "shuffle_buffer": 0,
-                 "cpus_per_worker": 0.5, "judge_batch_size": 16, **overrides.pop("train", {})}
-    return TrainIdCondConfig.model_validate({
-        "data": data, "output": output, "model": {"preset": "tiny", "overrides": ARCH}, "train": train_cfg,
-        **overrides,
-    })
+    train_cfg = {
+        "batch_size": 8,
+        "lr": 1e-3,
+        "log_every": 2,
+        "checkpoint_every": 10,
+        "shuffle_buffer": 0,
+        "cpus_per_worker": 0.5,
+        "judge_batch_size": 16,
+        **overrides.pop("train", {}),
+    }
+    return TrainIdCondConfig.model_validate(
+        {
+            "data": data,
+            "output": output,
+            "model": {"preset": "tiny", "overrides": ARCH},
+            "train": train_cfg,
+            **overrides,
+        }
+    )
 
 
 def test_prepare_batch_scales_and_flips_with_the_generator():
@@ -134,9 +160,12 @@ def test_training_with_judge_lowers_loss_and_saves_the_ema_model(ray_local, face
     for p, shadow in zip(params, state["ema"]["shadow_params"], strict=True):
         assert torch.equal(p, shadow)
     assert not all(torch.equal(p, w) for p, w in zip(model.unet.parameters(), state["unet"].values()))
-    # the EMA decay follows diffusers' warm-up rule 1 - (1 + step)^-0.75, capped at 0.9999
-    assert state["ema"]["optimization_step"] == 40
-    assert storage.exists(str(tmp_path / "run" / "report.md")) and storage.exists(str(tmp_path / "run" / "loss.png"))
+    ema = state["ema"]  # UIFace's EMA: warm-up 1 - (1 + step / inv_gamma) ** -power, capped at 0.9999
+    assert (ema["optimization_step"], ema["inv_gamma"], ema["power"], ema["decay"]) == (40, 1.0, 0.75, 0.9999)
+    assert ema["use_ema_warmup"]
+    assert storage.exists(str(tmp_path / "run" / "report.md")) and storage.exists(
+        str(tmp_path / "run" / "loss.png")
+    )
 
 
 @pytest.mark.slow
@@ -148,8 +177,9 @@ def test_rerun_resumes_from_the_checkpoint(ray_local, faces, tmp_path):
     assert (again.start_step, again.steps) == (4, 6)
     assert [r["step"] for r in again.loss_log] == [2, 4, 6]
     assert again.loss_log[:2] == first.loss_log
-    other = train(job(faces, str(tmp_path / "run"), run_name="other", train={"steps": 2, "checkpoint_every": 2}))
-    assert other.start_step == 0
+    # training identities for new-identity rejection: each identity's mean (here: its only) embedding
+    unit = IDENTITY_VECTORS / np.linalg.norm(IDENTITY_VECTORS, axis=1, keepdims=True)
+    np.testing.assert_allclose(load_npy(f"{again.model_uri}/identities.npy"), unit, rtol=1e-5, atol=1e-6)
 
 
 def test_judge_embeddings_follow_the_model_contract(faces, judge):
@@ -157,7 +187,9 @@ def test_judge_embeddings_follow_the_model_contract(faces, judge):
     rows = list(shards.iter_rows(faces, columns=["image"]))[:5]
     out = JudgeEmbedder(judge, batch_size=4)({"image": np.array([r["image"] for r in rows], dtype=object)})
     pil = [Image.open(io.BytesIO(r["image"])).resize((24, 24), Image.Resampling.BILINEAR) for r in rows]
-    x = (torch.from_numpy(np.stack([np.asarray(p) for p in pil])).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
+    x = (
+        torch.from_numpy(np.stack([np.asarray(p) for p in pil])).permute(0, 3, 1, 2).float() / 255 - 0.5
+    ) / 0.5
     net = torch.jit.load(f"{judge}/model.pt")
     with torch.no_grad():
         expected = torch.nn.functional.normalize(net(x) + net(x.flip(-1)), dim=1).numpy()

@@ -33,8 +33,12 @@ class ModelConfig(StrictModel):
     m1: float | None = None
     m2: float | None = None
     m3: float | None = None
-    sample_rate: float = Field(1.0, gt=0.0, le=1.0, description="Partial FC: fraction of class centres scored")
-    head_options: dict = Field(default_factory=dict, description="extra margin options, e.g. {easy_margin: true}")
+    sample_rate: float = Field(
+        1.0, gt=0.0, le=1.0, description="Partial FC: fraction of class centres scored"
+    )
+    head_options: dict = Field(
+        default_factory=dict, description="extra margin options, e.g. {easy_margin: true}"
+    )
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     flip_fusion: Literal["sum", "norm_weighted"] = "sum"
@@ -82,7 +86,8 @@ class DataConfig(StrictModel):
     epoch_rows: int | None = Field(None, ge=1, description="rows per epoch (default: all sources' rows)")
     augment: AugmentList = Field(default_factory=default_augment)
     shuffle: Literal["local", "none"] = Field(
-        "local", description="local: permute each epoch's read chunks and the rows in each, plus a buffer")
+        "local", description="local: permute each epoch's read chunks and the rows in each, plus a buffer"
+    )
     shuffle_buffer: int = Field(2048, ge=1, description="local shuffle buffer per worker, in rows")
     decode_batch: int = Field(64, ge=1, description="rows per decode+augment task batch")
     decode_cpus: float = Field(1.0, gt=0, description="CPUs per decode+augment task")
@@ -105,7 +110,9 @@ class OptimConfig(StrictModel):
     milestones: list[int] = Field(default_factory=list, description="step schedule: steps where lr *= gamma")
     gamma: float = Field(0.1, gt=0, le=1)
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine: final lr as a fraction of lr")
-    grad_clip: float | None = Field(5.0, gt=0, description="max L2 norm of the backbone gradients (None: off)")
+    grad_clip: float | None = Field(
+        5.0, gt=0, description="max L2 norm of the backbone gradients (None: off)"
+    )
     ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the backbone weights (None: off)")
 
     @field_validator("name")

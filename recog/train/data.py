@@ -91,7 +91,9 @@ def _image_size(data: bytes, what: str) -> tuple[int, int]:
 def _inspect_shards(spec: DatasetSpec, verify: str) -> Source:
     m = manifest.load(spec.uri)
     if not m.shards:
-        raise ValueError(f"data.datasets uri={spec.uri!r}: no committed shards (no manifest.json or it is empty)")
+        raise ValueError(
+            f"data.datasets uri={spec.uri!r}: no committed shards (no manifest.json or it is empty)"
+        )
     if verify == "sha256":
         problems = shards.verify(spec.uri)
         problems = [p for p in problems if not p.startswith("incomplete")]
@@ -107,21 +109,36 @@ def _inspect_shards(spec: DatasetSpec, verify: str) -> Source:
                 if first is None and rows:
                     first = parquet.read_row_group(0, columns=["image"]).column(0)[0].as_py()
         except (OSError, ValueError) as exc:
-            raise ValueError(f"data.datasets uri={spec.uri!r}: shard {uri} is not readable parquet ({exc})") from exc
+            raise ValueError(
+                f"data.datasets uri={spec.uri!r}: shard {uri} is not readable parquet ({exc})"
+            ) from exc
         if rows != m.shards[unit]["rows"]:
-            raise ValueError(f"data.datasets uri={spec.uri!r}: shard {uri} has {rows} rows, "
-                             f"the manifest says {m.shards[unit]['rows']}")
+            raise ValueError(
+                f"data.datasets uri={spec.uri!r}: shard {uri} has {rows} rows, "
+                f"the manifest says {m.shards[unit]['rows']}"
+            )
     identities = sorted({int(k) for rec in m.shards.values() for k in rec["counts"]["per_identity"]})
-    return Source(spec, sum(rec["rows"] for rec in m.shards.values()), np.array(identities, np.int64),
-                  _image_size(first, f"{files[0]} row 0"), files=files)
+    return Source(
+        spec,
+        sum(rec["rows"] for rec in m.shards.values()),
+        np.array(identities, np.int64),
+        _image_size(first, f"{files[0]} row 0"),
+        files=files,
+    )
 
 
 def _inspect_folder(spec: DatasetSpec) -> Source:
     listing = list_image_folder(spec.uri)
     labels = np.array([label for _, label in listing], np.int64)
     first = listing[0][0]
-    return Source(spec, len(listing), np.unique(labels), _image_size(storage.read_bytes(first), first),
-                  items=[uri for uri, _ in listing], labels=labels)
+    return Source(
+        spec,
+        len(listing),
+        np.unique(labels),
+        _image_size(storage.read_bytes(first), first),
+        items=[uri for uri, _ in listing],
+        labels=labels,
+    )
 
 
 def _inspect_recordio(spec: DatasetSpec) -> Source:
@@ -143,9 +160,11 @@ def inspect_source(spec: DatasetSpec, input_size: int, verify: str = "footer") -
         source = _inspect_recordio(spec)
     if source.image_size != (input_size, input_size):
         h, w = source.image_size
-        raise ValueError(f"data.datasets uri={spec.uri!r}: images are {h}x{w} pixels, expected "
-                         f"model.input_size={input_size} ({input_size}x{input_size}); resize the dataset "
-                         "or change model.input_size")
+        raise ValueError(
+            f"data.datasets uri={spec.uri!r}: images are {h}x{w} pixels, expected "
+            f"model.input_size={input_size} ({input_size}x{input_size}); resize the dataset "
+            "or change model.input_size"
+        )
     return source
 
 
@@ -181,8 +200,12 @@ class LabelMap:
     def to_json(self, uris: list[str]) -> dict:
         """``class_identity[c]``: ``[source uri, identity]`` of class ``c``."""
         names = [None] if self.shared else uris
-        return {"label_space": "shared" if self.shared else "per_dataset",
-                "class_identity": [[n, int(x)] for n, ids in zip(names, self.identities, strict=True) for x in ids]}
+        return {
+            "label_space": "shared" if self.shared else "per_dataset",
+            "class_identity": [
+                [n, int(x)] for n, ids in zip(names, self.identities, strict=True) for x in ids
+            ],
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> LabelMap:
@@ -200,8 +223,10 @@ def inspect_data(cfg: DataConfig, input_size: int) -> tuple[list[Source], LabelM
     labels = LabelMap.build(sources, cfg.label_space)
     if labels.num_classes < 2:
         uris = [s.spec.uri for s in sources]
-        raise ValueError(f"data.datasets {uris}: {labels.num_classes} identity in all; training a face "
-                         "classifier needs at least 2 identities")
+        raise ValueError(
+            f"data.datasets {uris}: {labels.num_classes} identity in all; training a face "
+            "classifier needs at least 2 identities"
+        )
     return sources, labels
 
 
@@ -226,8 +251,12 @@ def chunk_plan(sources: list[Source], cfg: DataConfig, *, seed: int, epochs: int
     plan = []
     quotas = epoch_quotas([s.rows for s in sources], [s.spec.weight for s in sources], cfg.epoch_rows)
     for epoch in range(epochs):
-        chunks = [(i, part) for i, (s, q) in enumerate(zip(sources, quotas, strict=True)) if q
-                  for part in range(s.num_chunks)]
+        chunks = [
+            (i, part)
+            for i, (s, q) in enumerate(zip(sources, quotas, strict=True))
+            if q
+            for part in range(s.num_chunks)
+        ]
         if cfg.shuffle == "local":
             chunks = [chunks[k] for k in np.random.default_rng([seed, epoch]).permutation(len(chunks))]
         plan.extend({"epoch": epoch, "source": i, "part": part} for i, part in chunks)
@@ -240,10 +269,13 @@ def _chunk_rows(source: Source, part: int, order: np.ndarray | None) -> dict:
         with storage.open_input(source.files[part]) as f:
             table = pq.read_table(f, columns=["image", "identity", "sample"])
         identity = table["identity"].to_numpy().astype(np.int64)
-        return {"image": table["image"].to_pylist(), "identity": identity,
-                "key": _row_keys(identity, table["sample"].to_numpy())}
+        return {
+            "image": table["image"].to_pylist(),
+            "identity": identity,
+            "key": _row_keys(identity, table["sample"].to_numpy()),
+        }
     rows = np.arange(source.rows) if order is None else order
-    index = rows[part * ROWS_PER_CHUNK:(part + 1) * ROWS_PER_CHUNK]
+    index = rows[part * ROWS_PER_CHUNK : (part + 1) * ROWS_PER_CHUNK]
     if source.spec.kind == "folder":
         images = [storage.read_bytes(source.items[i]) for i in index]
     else:
@@ -252,8 +284,15 @@ def _chunk_rows(source: Source, part: int, order: np.ndarray | None) -> dict:
     return {"image": images, "identity": source.labels[index], "key": index.astype(np.int64)}
 
 
-def read_chunks(batch: dict, sources: list[Source], labels: LabelMap, extra_keys: dict, cfg: DataConfig,
-                input_size: int, seed: int):
+def read_chunks(
+    batch: dict,
+    sources: list[Source],
+    labels: LabelMap,
+    extra_keys: dict,
+    cfg: DataConfig,
+    input_size: int,
+    seed: int,
+):
     """Ray Data UDF: read each planned chunk, repeat its rows, shuffle them, decode and augment them.
 
     Yields batches of at most ``cfg.decode_batch`` rows: ``image`` uint8 ``(N, 3, S, S)``, ``label`` int64.
@@ -275,13 +314,29 @@ def read_chunks(batch: dict, sources: list[Source], labels: LabelMap, extra_keys
         classes = labels.classes(i, rows["identity"])
         for start in range(0, len(index), cfg.decode_batch):
             sub = slice(start, start + cfg.decode_batch)
-            yield {"image": decode_augment([rows["image"][k] for k in index[sub]], rows["key"][index[sub]],
-                                           copy[sub], cfg.augment, input_size, seed, epoch),
-                   "label": classes[index[sub]]}
+            yield {
+                "image": decode_augment(
+                    [rows["image"][k] for k in index[sub]],
+                    rows["key"][index[sub]],
+                    copy[sub],
+                    cfg.augment,
+                    input_size,
+                    seed,
+                    epoch,
+                ),
+                "label": classes[index[sub]],
+            }
 
 
-def decode_augment(images: list[bytes], keys: np.ndarray, copies: np.ndarray, augments: list, input_size: int,
-                   seed: int, epoch: int) -> np.ndarray:
+def decode_augment(
+    images: list[bytes],
+    keys: np.ndarray,
+    copies: np.ndarray,
+    augments: list,
+    input_size: int,
+    seed: int,
+    epoch: int,
+) -> np.ndarray:
     """Decode each image, check its size and augment it: uint8 ``(N, 3, S, S)``."""
     out = np.empty((len(images), 3, input_size, input_size), np.uint8)
     for n, (data, key, copy) in enumerate(zip(images, keys, copies, strict=True)):
@@ -296,26 +351,43 @@ def decode_augment(images: list[bytes], keys: np.ndarray, copies: np.ndarray, au
 
 def steps_per_epoch(sources: list[Source], cfg: DataConfig, num_workers: int, batch_size: int) -> int:
     """Optimiser steps one epoch gives every worker; error if an epoch cannot fill one batch per worker."""
-    epoch_rows = sum(epoch_quotas([s.rows for s in sources], [s.spec.weight for s in sources], cfg.epoch_rows))
+    epoch_rows = sum(
+        epoch_quotas([s.rows for s in sources], [s.spec.weight for s in sources], cfg.epoch_rows)
+    )
     steps = epoch_rows // num_workers // batch_size
     if steps < 1:
-        raise ValueError(f"train.batch_size={batch_size}: an epoch has {epoch_rows} rows, fewer than one batch "
-                         f"for each of scaling.num_workers={num_workers}; lower the batch size or add data")
+        raise ValueError(
+            f"train.batch_size={batch_size}: an epoch has {epoch_rows} rows, fewer than one batch "
+            f"for each of scaling.num_workers={num_workers}; lower the batch size or add data"
+        )
     return steps
 
 
-def training_stream(sources: list[Source], labels: LabelMap, cfg: DataConfig, *, input_size: int, seed: int,
-                    epochs: int):
+def training_stream(
+    sources: list[Source], labels: LabelMap, cfg: DataConfig, *, input_size: int, seed: int, epochs: int
+):
     """The whole run's stream of decoded, augmented batches: ``epochs`` epochs one after another."""
     import ray.data
 
     quotas = epoch_quotas([s.rows for s in sources], [s.spec.weight for s in sources], cfg.epoch_rows)
-    extra_keys = {(epoch, i): epoch_extra_keys(s.keys, q % s.rows, seed, epoch, i)
-                  for epoch in range(epochs) for i, (s, q) in enumerate(zip(sources, quotas, strict=True))
-                  if q % s.rows}
+    extra_keys = {
+        (epoch, i): epoch_extra_keys(s.keys, q % s.rows, seed, epoch, i)
+        for epoch in range(epochs)
+        for i, (s, q) in enumerate(zip(sources, quotas, strict=True))
+        if q % s.rows
+    }
     plan = chunk_plan(sources, cfg, seed=seed, epochs=epochs)
     return ray.data.from_items(plan, override_num_blocks=len(plan)).map_batches(
-        read_chunks, batch_size=1, num_cpus=cfg.decode_cpus, batch_format="numpy",
-        fn_kwargs={"sources": sources, "labels": labels, "extra_keys": extra_keys, "cfg": cfg,
-                   "input_size": input_size, "seed": seed},
+        read_chunks,
+        batch_size=1,
+        num_cpus=cfg.decode_cpus,
+        batch_format="numpy",
+        fn_kwargs={
+            "sources": sources,
+            "labels": labels,
+            "extra_keys": extra_keys,
+            "cfg": cfg,
+            "input_size": input_size,
+            "seed": seed,
+        },
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from recog.train.config import OptimConfig
@@ -25,13 +26,15 @@ def _load(path: str) -> dict:
 
 
 class DDPStrategy:
-    """One optimiser over backbone + head; the backbone is DDP-wrapped by Ray Train when world_size > 1."""
+    """One optimiser over backbone + head; the backbone is DDP-wrapped when a process group of 2+ ranks exists."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module | None, cfg: OptimConfig, total_steps: int):
-        from ray.train.torch import prepare_model
-
         self.backbone, self.head, self.grad_clip = backbone, head, cfg.grad_clip
-        self.model = prepare_model(backbone, parallel_strategy="ddp")
+        self.model = backbone
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            from ray.train.torch import prepare_model
+
+            self.model = prepare_model(backbone, parallel_strategy="ddp")
         params = [{"params": [p for p in backbone.parameters() if p.requires_grad]}]
         if head is not None:
             params.append({"params": list(head.parameters())})
@@ -51,8 +54,10 @@ class DDPStrategy:
         self.scheduler.step()
 
     def save(self, folder: str, rank: int) -> None:
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                   os.path.join(folder, f"optimizer-rank{rank}.pt"))
+        torch.save(
+            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+            os.path.join(folder, f"optimizer-rank{rank}.pt"),
+        )
 
     def load(self, folder: str, rank: int) -> None:
         state = _load(os.path.join(folder, f"optimizer-rank{rank}.pt"))
@@ -63,8 +68,16 @@ class DDPStrategy:
 class DeepSpeedStrategy:
     """The backbone in a DeepSpeed engine (ZeRO stage 1 or 2 partitions its optimiser state / gradients)."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module | None, cfg: OptimConfig, total_steps: int, *,
-                 zero_stage: int, batch_size: int):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Module | None,
+        cfg: OptimConfig,
+        total_steps: int,
+        *,
+        zero_stage: int,
+        batch_size: int,
+    ):
         import deepspeed  # optional dependency: pip install -e .[deepspeed]
 
         self.backbone, self.head = backbone, head
@@ -102,8 +115,13 @@ class DeepSpeedStrategy:
     def save(self, folder: str, rank: int) -> None:
         self.model.save_checkpoint(os.path.join(folder, "deepspeed"), tag=DEEPSPEED_TAG)
         if self.head_optimizer is not None:
-            torch.save({"optimizer": self.head_optimizer.state_dict(), "scheduler": self.head_scheduler.state_dict()},
-                       os.path.join(folder, f"optimizer-rank{rank}.pt"))
+            torch.save(
+                {
+                    "optimizer": self.head_optimizer.state_dict(),
+                    "scheduler": self.head_scheduler.state_dict(),
+                },
+                os.path.join(folder, f"optimizer-rank{rank}.pt"),
+            )
 
     def load(self, folder: str, rank: int) -> None:
         self.model.load_checkpoint(os.path.join(folder, "deepspeed"), tag=DEEPSPEED_TAG)
@@ -113,9 +131,19 @@ class DeepSpeedStrategy:
             self.head_scheduler.load_state_dict(state["scheduler"])
 
 
-def make_strategy(name: str, backbone: nn.Module, head: nn.Module | None, cfg: OptimConfig, total_steps: int, *,
-                  zero_stage: int, batch_size: int) -> DDPStrategy | DeepSpeedStrategy:
+def make_strategy(
+    name: str,
+    backbone: nn.Module,
+    head: nn.Module | None,
+    cfg: OptimConfig,
+    total_steps: int,
+    *,
+    zero_stage: int,
+    batch_size: int,
+) -> DDPStrategy | DeepSpeedStrategy:
     """The ``train.strategy`` called ``name`` (``ddp`` or ``deepspeed``)."""
     if name == "deepspeed":
-        return DeepSpeedStrategy(backbone, head, cfg, total_steps, zero_stage=zero_stage, batch_size=batch_size)
+        return DeepSpeedStrategy(
+            backbone, head, cfg, total_steps, zero_stage=zero_stage, batch_size=batch_size
+        )
     return DDPStrategy(backbone, head, cfg, total_steps)

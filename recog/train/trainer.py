@@ -62,30 +62,43 @@ def check_model(cfg: TrainConfig, num_classes: int) -> None:
         raise ValueError(f"model ({m.backbone!r}, head {m.head!r}): {exc}") from exc
     expected = num_classes if m.task == "closed_set" else m.embedding_dim
     if out.shape != (1, expected):
-        raise ValueError(f"model.backbone={m.backbone!r} gives outputs of shape {tuple(out.shape[1:])}, "
-                         f"expected ({expected},) for task={m.task!r}")
+        raise ValueError(
+            f"model.backbone={m.backbone!r} gives outputs of shape {tuple(out.shape[1:])}, "
+            f"expected ({expected},) for task={m.task!r}"
+        )
     if m.task == "embedding" and num_classes < cfg.scaling.num_workers:
-        raise ValueError(f"scaling.num_workers={cfg.scaling.num_workers}: the head's {num_classes} classes are "
-                         "sharded across workers; expected at least one class per worker")
+        raise ValueError(
+            f"scaling.num_workers={cfg.scaling.num_workers}: the head's {num_classes} classes are "
+            "sharded across workers; expected at least one class per worker"
+        )
 
 
 def _trainer(cfg: TrainConfig, sources: list[Source], labels: LabelMap, epochs: int, callbacks: Sequence):
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    stream = training_stream(sources, labels, cfg.data, input_size=cfg.model.input_size, seed=cfg.train.seed,
-                             epochs=epochs)
+    stream = training_stream(
+        sources, labels, cfg.data, input_size=cfg.model.input_size, seed=cfg.train.seed, epochs=epochs
+    )
     ingest = ray.train.DataConfig.default_ingest_options()
     ingest.preserve_order = True  # same seed -> same batches
     fs, path = storage.resolve(cfg.checkpoint_uri)
     return TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "num_classes": labels.num_classes,
-                           "labels": json.dumps(labels.to_json([s.spec.uri for s in sources]))},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                               resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "num_classes": labels.num_classes,
+            "labels": json.dumps(labels.to_json([s.spec.uri for s in sources])),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
         run_config=ray.train.RunConfig(
-            name=cfg.run_name, storage_path=path, storage_filesystem=fs,
+            name=cfg.run_name,
+            storage_path=path,
+            storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
             callbacks=list(callbacks),
@@ -108,9 +121,16 @@ def export_classifier(model: torch.nn.Module, out_uri: str, cfg: TrainConfig, la
     buffer = io.BytesIO()
     torch.jit.save(traced, buffer)
     storage.write_bytes(storage.join(out_uri, "model.pt"), buffer.getvalue())
-    spec = {"format": "torchscript", "file": "model.pt", "input_size": [size, size], "mean": list(cfg.model.mean),
-            "std": list(cfg.model.std), "channel_order": "RGB", "num_classes": len(labels["class_identity"]),
-            **labels}
+    spec = {
+        "format": "torchscript",
+        "file": "model.pt",
+        "input_size": [size, size],
+        "mean": list(cfg.model.mean),
+        "std": list(cfg.model.std),
+        "channel_order": "RGB",
+        "num_classes": len(labels["class_identity"]),
+        **labels,
+    }
     storage.write_bytes(storage.join(out_uri, "classifier.json"), json.dumps(spec, indent=1).encode())
 
 
@@ -122,8 +142,15 @@ def export_model(state: dict, cfg: TrainConfig, num_classes: int, labels: dict) 
     if cfg.model.task == "closed_set":
         export_classifier(model, out, cfg, labels)
     else:
-        export_embedder(model, out, input_size=cfg.model.input_size, embedding_dim=cfg.model.embedding_dim,
-                        flip_fusion=cfg.model.flip_fusion, mean=cfg.model.mean, std=cfg.model.std)
+        export_embedder(
+            model,
+            out,
+            input_size=cfg.model.input_size,
+            embedding_dim=cfg.model.embedding_dim,
+            flip_fusion=cfg.model.flip_fusion,
+            mean=cfg.model.mean,
+            std=cfg.model.std,
+        )
     return out
 
 
@@ -145,7 +172,10 @@ def write_report(result: TrainResult, cfg: TrainConfig, sources: list[Source]) -
     """``report.md`` (+ ``loss.png``) at the output URI; returns the report URI."""
     _loss_plot(result.history, storage.join(cfg.output, "loss.png"))
     m, t = cfg.model, cfg.train
-    rows = [f"| {s.spec.uri} | {s.spec.kind} | {s.spec.weight:g} | {s.rows} | {len(s.identities)} |" for s in sources]
+    rows = [
+        f"| {s.spec.uri} | {s.spec.kind} | {s.spec.weight:g} | {s.rows} | {len(s.identities)} |"
+        for s in sources
+    ]
     lines = [
         f"# Face-recognition training: {cfg.run_name}",
         "",
@@ -186,9 +216,15 @@ def train_fr(cfg: TrainConfig, callbacks: Sequence = ()) -> TrainResult:
     history = state["history"]
     rates = [h["images_per_s"] for h in history[1:]] or [h["images_per_s"] for h in history]
     out = TrainResult(
-        output=cfg.output, model_uri=model_uri, checkpoint_uri=storage.join(cfg.checkpoint_uri, cfg.run_name),
-        steps=state["step"], num_classes=labels.num_classes, final_loss=history[-1]["loss"],
-        images_per_s=statistics.median(rates), seconds=time.perf_counter() - start, history=history,
+        output=cfg.output,
+        model_uri=model_uri,
+        checkpoint_uri=storage.join(cfg.checkpoint_uri, cfg.run_name),
+        steps=state["step"],
+        num_classes=labels.num_classes,
+        final_loss=history[-1]["loss"],
+        images_per_s=statistics.median(rates),
+        seconds=time.perf_counter() - start,
+        history=history,
     )
     write_report(out, cfg, sources)
     return out

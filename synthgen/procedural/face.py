@@ -22,6 +22,7 @@ from synthgen.procedural.raster import (
     darken,
     ellipse,
     ellipse_q,
+    ellipsoid_extent,
     paint,
     per_sample,
     ray_ellipsoid,
@@ -81,11 +82,31 @@ def _band(arr: np.ndarray, box: Box) -> np.ndarray:
     return arr[..., rows if arr.shape[-2] > 1 else slice(None), cols if arr.shape[-1] > 1 else slice(None)]
 
 
+def _intersect(a: Box, b: Box) -> Box:
+    """The part of box ``a`` inside box ``b`` (possibly empty)."""
+    return tuple(
+        slice(max(p.start, q.start), max(min(p.stop, q.stop), max(p.start, q.start))) for p, q in zip(a, b)
+    )
+
+
 class _Head:
-    """The head's ray hit: coverage, depth and object coordinates (``uf`` is ``u`` on the front only)."""
+    """The head's ray hit as image-sized maps: coverage, depth and object coordinates.
+
+    Only the head's box is computed: outside it ``cover`` is 0 and ``z`` far behind everything; ``u, v, w``
+    and ``uf`` (``u`` on the front; pushed far away on the back) are meaningful inside the box alone.
+    """
 
     def __init__(self, cover, z, u, v, w, uf):
         self.cover, self.z, self.u, self.v, self.w, self.uf = cover, z, u, v, w, uf
+
+    @classmethod
+    def scatter(cls, box: Box, shape: tuple[int, ...], cover, z, u, v, w, uf) -> _Head:
+        """Image-sized maps holding the given box-sized maps at ``box``."""
+        maps = [np.zeros(shape, np.float32), np.full(shape, -1e3, np.float32)]
+        maps += [np.empty(shape, np.float32) for _ in range(4)]
+        for full, part in zip(maps, (cover, z, u, v, w, uf)):
+            _band(full, box)[...] = part
+        return cls(*maps)
 
     def band(self, box: Box) -> _Head:
         return _Head(*(_band(a, box) for a in (self.cover, self.z, self.u, self.v, self.w, self.uf)))
@@ -136,6 +157,17 @@ class _Scene:
         if style.hair_strands:
             streaks = textures.crop(textures.noise_banks(size)["streaks"], self.offsets[:, 4:6], size)
             self.hair_map = self.hair * (1.0 + style.hair_strands * 0.5 * streaks)[:, None]
+        radii = np.stack([np.ones(self.n), self.b, self.c], -1)
+        corners = np.zeros((self.n, 1, 4, 3))
+        corners[..., :2] = ellipsoid_extent(self.rot, radii)[:, None, None] * [
+            [-1, -1],
+            [-1, 1],
+            [1, -1],
+            [1, 1],
+        ]
+        self.head_box = self._boxes(corners, 0.0)[0]
+        patches = self._surface_boxes(self._feature_patches())
+        self.boxes = {name: _intersect(box, self.head_box) for name, box in patches.items()}
 
     # -- pixel boxes -------------------------------------------------------------------------------------
     def _boxes(self, points: np.ndarray, reach, tapered: bool = True) -> list[Box]:
@@ -263,35 +295,43 @@ class _Scene:
 
     def hair_shell(self, canvas) -> np.ndarray:
         """Hair volume behind the head (nothing for bald identities); returns its coverage."""
-        f, st = per_sample, self.hair_style
-        b = f(self.b)
+        st = self.hair_style
         a_eff = np.sqrt(np.cos(self.yaw) ** 2 + (self.c * np.sin(self.yaw)) ** 2)
         vol = 1.0 + self.ic["hair_volume"] * SHELL_VOLUME[st]
-        rx, ry = f(a_eff * vol), f(self.b * vol)
-        hx = (self.x + f(0.2 * self.c * np.sin(self.yaw))) / rx
-        hy = (self.y + 0.08 * b) / ry
-        hy = hy * np.where(hy > 0, f(1.0 / SHELL_STRETCH[st]), np.float32(1.0))
+        rx, ry, cut = a_eff * vol, self.b * vol, np.minimum(SHELL_CUT[st], 2.5) * self.b
+        shift = 0.2 * self.c * np.sin(self.yaw)
+        bottom = np.zeros((self.n, 1, 2, 3))  # the ends of the cut line: nothing lies below them
+        bottom[..., 0], bottom[..., 1] = np.stack([-rx - shift, rx - shift], -1)[:, None], cut[:, None, None]
+        box = slice(0, self._boxes(bottom, 0.0, tapered=False)[0][0].stop), slice(None)
+        f, x, y = per_sample, _band(self.x, box), _band(self.y, box)
+        hx = (x + f(shift)) / f(rx)
+        hy = (y + f(0.08 * self.b)) / f(ry)
+        hy *= 1.0 + (hy > 0) * f(1.0 / SHELL_STRETCH[st] - 1.0)  # stretched downwards (no np.where: slow)
         q = hx * hx + hy * hy
-        shell = coverage(1.0 - q, 0.5 * rx * self.gain) * coverage(f(SHELL_CUT[st]) * b - self.y, self.gain)
-        shell *= f(st > 0)
+        cover = coverage(1.0 - q, f(0.5 * rx) * self.gain) * coverage(f(cut) - y, self.gain)
+        cover *= f(st > 0)
         lo = per_sample(self.light)
-        lam = np.clip(hx * lo[:, 0] + hy * lo[:, 1] + np.sqrt(np.maximum(1.0 - q, 0.0)) * lo[:, 2], 0, 1)
-        paint(canvas, shell, self._lit(self.hair_map * 0.85, lam))
+        lam = np.clip(hx * lo[:, 0] + hy * lo[:, 1] + np.sqrt(np.clip(1.0 - q, 0.0, 1.0)) * lo[:, 2], 0, 1)
+        paint(_band(canvas, box), cover, self._lit(_band(self.hair_map, box) * 0.85, lam))
+        shell = np.zeros_like(self.x)
+        shell[:, box[0]] = cover
         return shell
 
     def head(self, canvas) -> _Head:
-        ic, f = self.ic, per_sample
+        """The head with its painted features, inside ``head_box``; returns its image-sized maps."""
+        ic, f, box, shape = self.ic, per_sample, self.head_box, self.x.shape
         radii = np.stack([np.ones(self.n), self.b, self.c], -1)
-        inside, edge, z, (u, v, w) = ray_ellipsoid(self.xh, self.y, self.rot, radii)
+        inside, edge, z, (u, v, w) = ray_ellipsoid(_band(self.xh, box), _band(self.y, box), self.rot, radii)
         cover = coverage(edge, self.gain)
-        head = _Head(cover, np.where(inside > 0, z, np.float32(-1e3)), u, v, w, np.where(w > -0.05, u, 9.0))
-        self.boxes = self._surface_boxes(self._feature_patches())
-        albedo = np.empty((self.n, 3, self.size, self.size), np.float32)
-        albedo[:] = self.skin
+        z -= (inside <= 0) * np.float32(1e4)  # off the head: far behind everything
+        head = _Head.scatter(box, shape, cover, z, u, v, w, u + (w <= -0.05) * np.float32(9.0))
+        # Image-sized so that features index them in image coordinates; only the head box is ever touched.
+        albedo, lum = np.empty((self.n, 3, *shape[1:]), np.float32), np.empty(shape, np.float32)
+        _band(albedo, box)[...] = self.skin
         if self.style.falloff:  # darker towards the silhouette, where the surface turns away
-            lum = 1.0 - self.style.falloff * (1.0 - np.sqrt(np.clip(inside, 0.0, 1.0)))
+            _band(lum, box)[...] = 1.0 - self.style.falloff * (1.0 - np.sqrt(np.clip(inside, 0.0, 1.0)))
         else:
-            lum = np.ones_like(inside)
+            _band(lum, box)[...] = 1.0
         self._skin_texture(head, albedo, lum)
         if (ic["beard_style"] > 0).any():
             self._beard(head, albedo)
@@ -299,24 +339,26 @@ class _Scene:
             self._wrinkles(head, lum)
         self._eyes_and_brows(head, albedo, lum)
         self._mouth(head, albedo)
-        scalp = self._scalp(head)
-        paint(albedo, scalp, self.hair_map)
+        albedo, lum = _band(albedo, box), _band(lum, box)
+        scalp = self._scalp(head.band(box))
+        paint(albedo, scalp, _band(self.hair_map, box))
         b, c = f(self.b), f(self.c)
         lam, spec = self._shade(u, v / (b * b), w / (c * c), self.rot, with_specular=True)
         albedo *= lum[:, None]
         colour = self._lit(albedo, lam)
         if spec is not None:
             colour += (spec * (1.0 - scalp) * self.style.specular)[:, None] * self.light_rgb
-        paint(canvas, cover, colour)
+        paint(_band(canvas, box), cover, colour)
         return head
 
     def _skin_texture(self, h: _Head, albedo, lum) -> None:
         ic, st, f, size, b = self.ic, self.style, per_sample, self.size, self.b
         banks = textures.noise_banks(size)
         if st.pores or st.blotch:
-            pores = textures.crop(banks["pores"], self.offsets[:, 2:4], size)
-            smooth = textures.crop(banks["smooth"], self.offsets[:, 0:2][:, ::-1], size)
-            lum *= 1.0 + st.pores * pores + st.blotch * smooth
+            box = self.head_box
+            pores = _band(textures.crop(banks["pores"], self.offsets[:, 2:4], size), box)
+            smooth = _band(textures.crop(banks["smooth"], self.offsets[:, 0:2][:, ::-1], size), box)
+            _band(lum, box)[...] *= 1.0 + st.pores * pores + st.blotch * smooth
         cheek_v = ic["nose_v"] * b + 0.08
         if st.blush:
             box = self.boxes["blush"]
@@ -342,12 +384,10 @@ class _Scene:
                 darken(_band(lum, box), mole, f(0.65 * (r > 0)))
 
     def _beard(self, h: _Head, albedo) -> None:
-        ic, f, g = self.ic, per_sample, self.gain
-        mouth_v, lip = ic["mouth_v"] * self.b, ic["lip_thick"]
-        box = self.boxes["beard"]
+        ic, f, g, box = self.ic, per_sample, self.gain, self.boxes["beard"]
         hb = h.band(box)
         au, style = np.abs(hb.uf), ic["beard_style"]
-        mv, lip = f(mouth_v), f(lip)
+        mv, lip = f(ic["mouth_v"] * self.b), f(ic["lip_thick"])
         top = mv - 0.16
         top = top - (top - f(ic["ear_v"] * self.b + 0.05)) * np.clip((au - 0.3) / 0.6, 0.0, 1.0)
         jaw = coverage(hb.v - top, g * self.style.hair_edge) * coverage(0.98 - au, g)
@@ -357,7 +397,7 @@ class _Scene:
         growth = ic["beard_density"] * np.clip(0.45 + self.age, 0.0, 1.0)
         amount = f(BEARD_JAW[style] * growth) * jaw + f(BEARD_CHIN[style] * growth) * chin
         amount += f(BEARD_MOUSTACHE[style] * growth) * moustache
-        paint(_band(albedo, box), np.minimum(amount, 1.0), _band(self.hair_map, box) * 0.9)
+        paint(_band(albedo, box), np.clip(amount, 0.0, 1.0), _band(self.hair_map, box) * 0.9)
 
     def _wrinkles(self, h: _Head, lum) -> None:
         ic, f, g, b = self.ic, per_sample, self.gain, self.b
@@ -401,7 +441,9 @@ class _Scene:
         darken(lum, ellipse(tu, tv, width + 0.022, height + 0.022, g) - sclera, 0.88)  # lids and lashes
         paint(albedo, sclera, rgb([0.93, 0.91, 0.88]))
         radius = f(ic["iris_r"] * ic["eye_w"])
-        iu = h.uf - np.sign(h.uf) * sep - f(0.35 * sc["gaze_u"] * ic["eye_w"])
+        iu = (
+            h.uf + sep - (h.uf >= 0) * (2 * sep) - f(0.35 * sc["gaze_u"] * ic["eye_w"])
+        )  # offset from its eye
         iv = ev - f(0.4 * sc["gaze_v"] * ic["eye_w"] * ic["eye_h"])
         q = (iu * iu + iv * iv) / (radius * radius)
         iris = coverage(1.0 - q, 0.5 * radius * g) * sclera
@@ -449,7 +491,7 @@ class _Scene:
         centre = np.einsum("nij,nj->ni", self.rot, np.stack([np.zeros(self.n), nose_v, depth], -1))
         box = self._boxes(centre[:, None, None], radii.max(-1)[:, None])[0]
         dx, dy = _band(self.xh, box) - f(centre[:, 0]), _band(self.y, box) - f(centre[:, 1])
-        _, edge, dz, (nu, nv, nw) = ray_ellipsoid(dx, dy, rot, radii)
+        _, edge, dz, (nu, nv, nw) = ray_ellipsoid(dx, dy, rot, radii, exact_edge=True)
         cover = coverage(edge, self.gain * self.style.hair_edge)
         cover *= dz + f(centre[:, 2]) > _band(h.z, box)
         nw2, nl2, nd2 = (f(r * r) for r in radii.T)
@@ -498,7 +540,7 @@ class _Scene:
         lens_rgb = np.where(dark[:, None], [0.05, 0.05, 0.06], [0.8, 0.86, 0.9])
         out = _band(canvas, box)
         paint(out, lens * on * f(np.where(dark, 0.85, 0.12)), self._tone(lens_rgb))
-        paint(out, np.minimum(frame, 1.0) * on, self._lit(self._tone(sc["glasses_colour"]), 0.6))
+        paint(out, np.clip(frame, 0.0, 1.0) * on, self._lit(self._tone(sc["glasses_colour"]), 0.6))
 
     def hat(self, canvas) -> None:
         sc, f = self.sc, per_sample

@@ -42,7 +42,7 @@ def ellipse_q(du: np.ndarray, dv: np.ndarray, ru, rv) -> np.ndarray:
 def edge_distance(value: np.ndarray, grad_x: np.ndarray, grad_y: np.ndarray) -> np.ndarray:
     """First-order signed distance ``value / |grad|`` to the zero set of an implicit function (in place)."""
     norm = np.sqrt(grad_x * grad_x + grad_y * grad_y)
-    np.maximum(norm, 1e-6, out=norm)
+    np.clip(norm, 1e-6, np.inf, out=norm)  # two-sided clip: numpy's fast path, unlike maximum with a scalar
     value /= norm
     return value
 
@@ -88,13 +88,16 @@ def rotation(yaw: np.ndarray, pitch: np.ndarray) -> np.ndarray:
     return rx @ ry
 
 
-def ray_ellipsoid(dx: np.ndarray, dy: np.ndarray, rot: np.ndarray, radii: np.ndarray):
+def ray_ellipsoid(
+    dx: np.ndarray, dy: np.ndarray, rot: np.ndarray, radii: np.ndarray, exact_edge: bool = False
+):
     """Front surface of rotated ellipsoids under orthographic view along -z.
 
     ``dx, dy``: view offsets from each ellipsoid centre (N, H, W); ``rot``: (N, 3, 3) object-to-view;
     ``radii``: (N, 3). Returns ``inside`` (1 at the centre of the silhouette, 0 on its edge), ``edge`` (signed
     distance to the silhouette, positive inside), ``dz`` (depth of the front surface, towards the viewer)
-    and the object coordinates ``(u, v, w)``.
+    and the object coordinates ``(u, v, w)``. Without ``exact_edge`` the distance is the first-order
+    ``inside * r_min / 2``, good for ellipsoids whose silhouette is not much longer than wide.
     """
     m = rot @ (rot.transpose(0, 2, 1) / (radii[:, :, None] ** 2))  # R diag(1/r^2) R^T
     m = per_sample(m.reshape(-1, 9))
@@ -102,14 +105,22 @@ def ray_ellipsoid(dx: np.ndarray, dy: np.ndarray, rot: np.ndarray, radii: np.nda
     b = mxz * dx + myz * dy
     px, py = mxx * dx + mxy * dy, mxy * dx + myy * dy  # half the gradient of the quadratic form in x, y
     inside = b * b / mzz - (dx * px + dy * py - 1.0)
-    edge = edge_distance(inside.copy(), b * (mxz / mzz) - px, b * (myz / mzz) - py)
-    edge *= 0.5  # the gradients above are halved
-    # Far from the silhouette the gradient estimate falls short; the bounding circle never overestimates.
-    np.minimum(edge, per_sample(radii.max(-1)) - np.sqrt(dx * dx + dy * dy), out=edge)
-    root = np.sqrt(np.maximum(inside, 0.0))
+    if exact_edge:
+        edge = edge_distance(inside.copy(), b * (mxz / mzz) - px, b * (myz / mzz) - py)
+        edge *= 0.5  # the gradients above are halved
+        # Far from the silhouette the gradient estimate falls short; the bounding circle never overestimates.
+        np.minimum(edge, per_sample(radii.max(-1)) - np.sqrt(dx * dx + dy * dy), out=edge)
+    else:
+        edge = inside * per_sample(0.5 * radii.min(-1))
+    root = np.sqrt(np.clip(inside, 0.0, 1.0))
     dz = root / np.sqrt(mzz) - b / mzz
     r = per_sample(rot.reshape(-1, 9))
     u = r[:, 0] * dx + r[:, 3] * dy + r[:, 6] * dz
     v = r[:, 1] * dx + r[:, 4] * dy + r[:, 7] * dz
     w = r[:, 2] * dx + r[:, 5] * dy + r[:, 8] * dz
     return inside, edge, dz, (u, v, w)
+
+
+def ellipsoid_extent(rot: np.ndarray, radii: np.ndarray) -> np.ndarray:
+    """(N, 2) half-extents along view x and y of rotated ellipsoids: sqrt of the diagonal of R diag(r^2) R^T."""
+    return np.sqrt(np.einsum("nij,nj,nij->ni", rot, radii**2, rot)[:, :2])

@@ -128,6 +128,7 @@ def _layer_order(identity: Columns, nuisance: Columns) -> np.ndarray:
     """
     age = identity["age_base"] + nuisance["age"]
     needs = (
+        identity["hair_style"] >= 3,  # medium and long hair reach below the face
         nuisance["hat"],
         nuisance["hand"],
         nuisance["glasses"],

@@ -8,7 +8,6 @@ of the batch it is sampled in.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,8 +15,8 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from facesynth import storage
 from facesynth.config import StrictModel
+from synthgen.identity_embeddings import load_npy
 from synthgen.stage import Generated, Generator
 from synthgen.uiface.identities import sample_identities
 from synthgen.uiface.model import UIFaceModel
@@ -35,7 +34,10 @@ class IdentitiesConfig(StrictModel):
     identities_per_unit: int = Field(8, ge=1, description="identities per work unit (one shard each)")
     max_cosine: float = Field(0.3, ge=-1, le=1, description="reject an identity closer than this to another")
     method: Literal["sphere", "gaussian"] = "sphere"
-    training: str | None = Field(None, description=".npy of training embeddings to keep away from (gaussian fits it)")
+    training: str | None = Field(
+        None,
+        description=".npy of training identities to keep away from (<model>/identities.npy; gaussian fits it)",
+    )
     seed: int = Field(0, ge=0, description="seed of the identity embeddings")
 
 
@@ -43,15 +45,10 @@ def identity_embeddings(cfg: IdentitiesConfig, dim: int) -> np.ndarray:
     """The job's ``(count, dim)`` float32 identity embeddings (row i = identity i), deterministic from the seed."""
     training = None
     if cfg.training is not None:
-        training = np.load(io.BytesIO(storage.read_bytes(cfg.training)), allow_pickle=False)
-    return sample_identities(cfg.count, seed=cfg.seed, dim=dim, max_cosine=cfg.max_cosine, method=cfg.method,
-                             training=training)
-
-
-def save_embeddings(embeddings: np.ndarray, uri: str) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, embeddings, allow_pickle=False)
-    storage.write_bytes(uri, buffer.getvalue())
+        training = load_npy(cfg.training)
+    return sample_identities(
+        cfg.count, seed=cfg.seed, dim=dim, max_cosine=cfg.max_cosine, method=cfg.method, training=training
+    )
 
 
 class UIFaceGenerator(Generator):
@@ -60,10 +57,13 @@ class UIFaceGenerator(Generator):
     name = "uiface"
     domain = "diffusion"
 
-    def __init__(self, model: UIFaceModel, sampler: SamplerConfig, embeddings: np.ndarray, params: dict) -> None:
+    def __init__(
+        self, model: UIFaceModel, sampler: SamplerConfig, embeddings: np.ndarray, params: dict
+    ) -> None:
         if embeddings.ndim != 2 or embeddings.shape[1] != model.config.embedding_dim:
-            raise ValueError(f"embeddings: expected (identities, {model.config.embedding_dim}), "
-                             f"got {embeddings.shape}")
+            raise ValueError(
+                f"embeddings: expected (identities, {model.config.embedding_dim}), got {embeddings.shape}"
+            )
         self.model = model.eval()
         self.sampler = sampler
         self.embeddings = embeddings.astype(np.float32)
@@ -71,8 +71,10 @@ class UIFaceGenerator(Generator):
 
     def generate(self, identities: np.ndarray, samples: np.ndarray, seeds: np.ndarray) -> Generated:
         if len(identities) and int(identities.max()) >= len(self.embeddings):
-            raise ValueError(f"identities: index {int(identities.max())} but only {len(self.embeddings)} "
-                             "identity embeddings exist")
+            raise ValueError(
+                f"identities: index {int(identities.max())} but only {len(self.embeddings)} "
+                "identity embeddings exist"
+            )
         rows = self.embeddings[identities]
         out = sample(self.model, self.sampler, torch.from_numpy(rows), seeds.tolist())
         n = len(identities)
@@ -102,7 +104,10 @@ class UIFaceFactory:
             torch.set_num_threads(self.threads)
         device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
         model = self.model.build(device).to(getattr(torch, self.dtype))
-        embeddings = np.load(io.BytesIO(storage.read_bytes(self.embeddings_uri)), allow_pickle=False)
-        params = {"sampler": self.sampler.model_dump(mode="json"), "model": self.model.describe(),
-                  "dtype": self.dtype}
+        embeddings = load_npy(self.embeddings_uri)
+        params = {
+            "sampler": self.sampler.model_dump(mode="json"),
+            "model": self.model.describe(),
+            "dtype": self.dtype,
+        }
         return UIFaceGenerator(model, self.sampler, embeddings, params)

@@ -10,7 +10,8 @@ Rank 0 reports a checkpoint (weights, EMA, optimizer, scheduler, step, loss log)
 steps to ``<output>/checkpoints/<run_name>``; rerunning with the same output and run name resumes from the
 latest one. At the end rank 0 saves the EMA weights as a model folder (:func:`save_uiface`):
 ``unet/`` (diffusers ``save_pretrained``), ``context.pt``, ``autoencoder/`` (latent models) and
-``uiface.json`` (written last, so a folder with it is complete), loaded back by :func:`load_uiface`.
+``uiface.json`` (written last, so a folder with it is complete), loaded back by :func:`load_uiface`; the driver
+adds ``identities.npy``, the training identities' mean embeddings, for ``identities.training`` in generation.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 MODEL_JSON = "uiface.json"
 STATE_FILE = "state.pt"
 TRAIN_LOG = "train_log.json"
+IDENTITIES_FILE = "identities.npy"  # per training identity: mean judge embedding (for new-identity rejection)
 
 
 class UIFaceModelSource(StrictModel):
@@ -47,7 +49,9 @@ class UIFaceModelSource(StrictModel):
 
     uri: str | None = Field(None, description="model folder written by save_uiface (local path or s3://)")
     preset: str = Field("tiny", description="architecture preset when uri is null: tiny | uiface-casia")
-    overrides: dict[str, Any] = Field(default_factory=dict, description="UIFaceModelConfig fields over the preset")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="UIFaceModelConfig fields over the preset"
+    )
     init_seed: int = Field(0, ge=0, description="seed of the random weights when uri is null")
 
     @model_validator(mode="after")
@@ -138,14 +142,20 @@ def load_uiface(uri: str, device: str | torch.device = "cpu") -> UIFaceModel:
 
     config = read_model_config(uri)
     state = torch.load(io.BytesIO(storage.read_bytes(storage.join(uri, "context.pt"))), weights_only=True)
-    context = IdentityContext(config.embedding_dim, config.context_dim, config.context_tokens, config.norm_groups)
+    context = IdentityContext(
+        config.embedding_dim, config.context_dim, config.context_tokens, config.norm_groups
+    )
     context.load_state_dict(state)
     with tempfile.TemporaryDirectory() as tmp:
-        unet = UNet2DConditionModel.from_pretrained(_download_folder(storage.join(uri, "unet"), Path(tmp, "unet")))
+        unet = UNet2DConditionModel.from_pretrained(
+            _download_folder(storage.join(uri, "unet"), Path(tmp, "unet"))
+        )
         autoencoder = None
         if config.space != "pixel":
             cls = VQModel if config.space == "vq" else AutoencoderKL
-            autoencoder = cls.from_pretrained(_download_folder(storage.join(uri, "autoencoder"), Path(tmp, "ae")))
+            autoencoder = cls.from_pretrained(
+                _download_folder(storage.join(uri, "autoencoder"), Path(tmp, "ae"))
+            )
     return UIFaceModel(config, unet, context, autoencoder).to(device).eval()
 
 
@@ -166,7 +176,9 @@ class _LossModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images: torch.Tensor, embeddings: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, embeddings: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
         return self.model.training_loss(images, embeddings, generator)
 
 
@@ -203,21 +215,13 @@ def _train_loop(loop_config: dict) -> None:
     loss_module = ray.train.torch.prepare_model(_LossModule(model))
     params = _trainable(model)
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=cfg.restart_period, T_mult=2)
-    ema = EMAModel(params, decay=cfg.ema_max_decay, use_ema_warmup=True, inv_gamma=cfg.ema_inv_gamma,
-                   power=cfg.ema_power)
-    step, loss_log = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder, STATE_FILE), map_location="cpu", weights_only=True)
-        model.unet.load_state_dict(state["unet"])
-        model.context.load_state_dict(state["context"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        ema.load_state_dict(state["ema"])
-        step = state["step"]
-        loss_log = [{"step": int(s), "loss": loss} for s, loss in state["loss_log"].tolist()]
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+        optimizer, T_0=cfg.restart_period, T_mult=2
+    )
+    ema = EMAModel(
+        params, decay=cfg.ema_max_decay, use_ema_warmup=True, inv_gamma=cfg.ema_inv_gamma, power=cfg.ema_power
+    )
+    step, loss_log = _restore(ray.train.get_checkpoint(), model, optimizer, scheduler, ema)
     ema.to(device)
     start_step = step
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
@@ -225,9 +229,13 @@ def _train_loop(loop_config: dict) -> None:
     data = ray.train.get_dataset_shard("train")
     window_loss, window_steps, meter = torch.zeros((), device=device), 0, telemetry.Meter()
     while step < cfg.steps:
-        for batch in data.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True, device=device,
-                                             local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-                                             local_shuffle_seed=step_seed(cfg.seed, rank, step)):
+        for batch in data.iter_torch_batches(
+            batch_size=cfg.batch_size,
+            drop_last=True,
+            device=device,
+            local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+            local_shuffle_seed=step_seed(cfg.seed, rank, step),
+        ):
             generator.manual_seed(step_seed(cfg.seed, rank, step))
             images = prepare_batch(batch["pixels"], generator)
             with autocast:
@@ -248,9 +256,16 @@ def _train_loop(loop_config: dict) -> None:
                 loss_log.append({"step": step, "loss": mean_loss})
                 window_loss.zero_()
                 window_steps = 0
-                telemetry.set_gauge("facesynth_uiface_train_images_per_s", meter.rate, "UIFace training images/s")
-                metrics = {"step": step, "start_step": start_step, "loss": mean_loss,
-                           "lr": scheduler.get_last_lr()[0], "images_per_s": meter.rate}
+                telemetry.set_gauge(
+                    "facesynth_uiface_train_images_per_s", meter.rate, "UIFace training images/s"
+                )
+                metrics = {
+                    "step": step,
+                    "start_step": start_step,
+                    "loss": mean_loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "images_per_s": meter.rate,
+                }
                 save = rank == 0 and (step % cfg.checkpoint_every == 0 or step == cfg.steps)
                 _report(metrics, model, optimizer, scheduler, ema, loss_log if save else None)
             if step >= cfg.steps:
@@ -260,11 +275,29 @@ def _train_loop(loop_config: dict) -> None:
         ema.copy_to(params)
         save_uiface(model, loop_config["model_uri"])
         ema.restore(params)
-        storage.write_bytes(storage.join(loop_config["model_uri"], TRAIN_LOG),
-                            json.dumps({"start_step": start_step, "step": step, "loss": loss_log}).encode())
+        storage.write_bytes(
+            storage.join(loop_config["model_uri"], TRAIN_LOG),
+            json.dumps({"start_step": start_step, "step": step, "loss": loss_log}).encode(),
+        )
 
 
-def _report(metrics: dict, model: UIFaceModel, optimizer, scheduler, ema, loss_log: list[dict] | None) -> None:
+def _restore(checkpoint, model: UIFaceModel, optimizer, scheduler, ema) -> tuple[int, list[dict]]:
+    """Load a Ray Train checkpoint (``weights_only``) into the training state; returns (step, loss log)."""
+    if checkpoint is None:
+        return 0, []
+    with checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder, STATE_FILE), map_location="cpu", weights_only=True)
+    model.unet.load_state_dict(state["unet"])
+    model.context.load_state_dict(state["context"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    ema.load_state_dict(state["ema"])
+    return state["step"], [{"step": int(s), "loss": loss} for s, loss in state["loss_log"].tolist()]
+
+
+def _report(
+    metrics: dict, model: UIFaceModel, optimizer, scheduler, ema, loss_log: list[dict] | None
+) -> None:
     """Report metrics; with ``loss_log`` (rank 0 at a checkpoint step) also a resumable checkpoint."""
     import ray.train
 
@@ -299,24 +332,42 @@ def check_inputs(data_uri: str, judge_uri: str | None, architecture: UIFaceModel
         first = next(shards.iter_rows(data_uri, columns=["embedding"]))
         dim, source = len(first["embedding"]), f"data {data_uri} column 'embedding'"
     else:
-        raise ValueError(f"judge: null, but data {data_uri} has no 'embedding' column; give a judge model URI")
+        raise ValueError(
+            f"judge: null, but data {data_uri} has no 'embedding' column; give a judge model URI"
+        )
     if dim != architecture.embedding_dim:
-        raise ValueError(f"{source}: embedding dim {dim}, but the model expects embedding_dim="
-                         f"{architecture.embedding_dim} (set model.overrides.embedding_dim)")
+        raise ValueError(
+            f"{source}: embedding dim {dim}, but the model expects embedding_dim="
+            f"{architecture.embedding_dim} (set model.overrides.embedding_dim)"
+        )
 
 
-def train_uiface(data_uri: str, output_uri: str, model: UIFaceModelSource, cfg: UIFaceTrainConfig, *,
-                 judge_uri: str | None = None, run_name: str = "uiface") -> TrainResult:
+def train_uiface(
+    data_uri: str,
+    output_uri: str,
+    model: UIFaceModelSource,
+    cfg: UIFaceTrainConfig,
+    *,
+    judge_uri: str | None = None,
+    run_name: str = "uiface",
+) -> TrainResult:
     """Train (or resume) a UIFace model on Ray Train; the EMA model is saved at ``<output>/model``."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from synthgen.identity_embeddings import training_dataset
+    from synthgen.identity_embeddings import embedded_dataset, identity_means, save_npy, to_training_rows
 
     architecture = model.architecture()
     check_inputs(data_uri, judge_uri, architecture)
-    dataset = training_dataset(data_uri, architecture.image_size, judge_uri=judge_uri,
-                               judge_batch_size=cfg.judge_batch_size, judge_num_gpus=cfg.judge_num_gpus)
+    embedded = embedded_dataset(
+        data_uri,
+        judge_uri=judge_uri,
+        judge_batch_size=cfg.judge_batch_size,
+        judge_num_gpus=cfg.judge_num_gpus,
+    )
+    dataset = embedded.map_batches(
+        to_training_rows, fn_kwargs={"image_size": architecture.image_size}, batch_format="numpy"
+    )
     model_uri = storage.join(output_uri, "model")
     fs, path = storage.resolve(storage.join(output_uri, "checkpoints"))
     storage.makedirs(storage.join(output_uri, "checkpoints"))
@@ -324,8 +375,11 @@ def train_uiface(data_uri: str, output_uri: str, model: UIFaceModelSource, cfg: 
         _train_loop,
         train_loop_config={"train": cfg.model_dump(), "model": model.model_dump(), "model_uri": model_uri},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker},
+        ),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=path,
@@ -339,9 +393,18 @@ def train_uiface(data_uri: str, output_uri: str, model: UIFaceModelSource, cfg: 
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+    save_npy(identity_means(embedded)[1], storage.join(model_uri, IDENTITIES_FILE))
     train_log = json.loads(storage.read_bytes(storage.join(model_uri, TRAIN_LOG)))
     checkpoint = None
     if result.checkpoint is not None:
-        checkpoint = f"s3://{result.checkpoint.path}" if output_uri.startswith("s3://") else result.checkpoint.path
-    return TrainResult(model_uri, checkpoint, train_log["step"], train_log["start_step"], train_log["loss"],
-                       time.perf_counter() - start)
+        checkpoint = (
+            f"s3://{result.checkpoint.path}" if output_uri.startswith("s3://") else result.checkpoint.path
+        )
+    return TrainResult(
+        model_uri,
+        checkpoint,
+        train_log["step"],
+        train_log["start_step"],
+        train_log["loss"],
+        time.perf_counter() - start,
+    )
