@@ -155,6 +155,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_weights(ray_local, faces, t
     assert all(torch.equal(a["backbone"][k], b["backbone"][k]) for k in a["backbone"])
 
 
+@pytest.mark.slow  # two more Ray Train runs (~90 s on 2 busy cores)
 def test_ddp_and_deepspeed_losses_agree(ray_local, faces, tmp_path):
     pytest.importorskip("deepspeed", reason="DeepSpeed is optional (pip install -e .[deepspeed])")
     common = ["train.steps=4", "train.log_every=1", "optim.grad_clip=null", "data.augment=[]"]

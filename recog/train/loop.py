@@ -2,10 +2,12 @@
 
 Every rank builds the same backbone (same seed; DDP broadcasts it anyway) and its own shard of the
 head's class centres, restores the latest checkpoint if Ray Train hands one over, skips the
-batches already trained on, and steps until ``train.steps``. Every ``checkpoint_every`` steps and
-at the end all ranks write their part of a checkpoint folder (rank 0: ``state.pt`` with the step,
-backbone, EMA and loss history; every rank: ``rank{r}.pt`` with its head shard and RNG state, plus
-the strategy's optimiser files) and report it; Ray Train merges the ranks' files into one folder.
+batches already trained on and steps until ``train.steps``. The stream restarts at its beginning,
+so a resume at step k reads and decodes k batches again before training; the result is
+bit-identical to an uninterrupted run. Every ``checkpoint_every`` steps and at the end all ranks
+write their part of a checkpoint folder (rank 0: ``state.pt`` with the step, backbone, EMA and
+loss history; every rank: ``rank{r}.pt`` with its head shard and RNG state, plus the strategy's
+optimiser files) and report it; Ray Train merges the ranks' files into one folder.
 """
 
 from __future__ import annotations
