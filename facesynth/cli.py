@@ -31,11 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
         "this CLI inspects datasets (any URI: s3://bucket/prefix, file:///path or a path).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    ds = sub.add_parser("dataset", help="inspect a shard dataset").add_subparsers(dest="action", required=True)
+    ds = sub.add_parser("dataset", help="inspect a shard dataset").add_subparsers(
+        dest="action", required=True
+    )
     info = ds.add_parser("info", help="print counts from the manifest as JSON")
     info.add_argument("uri")
     info.set_defaults(func=_info)
-    verify = ds.add_parser("verify", help="re-hash every committed shard against the manifest (exit 1 on problems)")
+    verify = ds.add_parser(
+        "verify", help="re-hash every committed shard against the manifest (exit 1 on problems)"
+    )
     verify.add_argument("uri")
     verify.set_defaults(func=_verify)
     return parser

@@ -84,7 +84,11 @@ def _describe(exc: ValidationError, model: type[BaseModel]) -> str:
         else:
             msg = err["msg"]
         given = err.get("input")
-        shown = "" if err["type"] in ("extra_forbidden", "missing") or isinstance(given, dict) else f" (got {given!r})"
+        shown = (
+            ""
+            if err["type"] in ("extra_forbidden", "missing") or isinstance(given, dict)
+            else f" (got {given!r})"
+        )
         lines.append(f"  {key}: {msg}{shown}")
     return "\n".join(lines)
 
@@ -104,7 +108,9 @@ def parse_job_args(model: type[M], argv: list[str] | None, description: str, def
     """Parse ``--config X.yaml key=value ...`` for a job; config errors exit with the message."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=default, help="YAML file or preset name in configs/")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. output=s3://bucket/run1")
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted key=value overrides, e.g. output=s3://bucket/run1"
+    )
     args = parser.parse_args(argv)
     try:
         return load_config(model, args.config, args.overrides)

@@ -88,8 +88,9 @@ def load(dataset_uri: str) -> Manifest:
         return Manifest()
 
 
-def commit(dataset_uri: str, records: list[dict], *, units_total: int | None = None,
-           attempts: int = 20) -> Manifest:
+def commit(
+    dataset_uri: str, records: list[dict], *, units_total: int | None = None, attempts: int = 20
+) -> Manifest:
     """Atomically add ``records`` to the manifest (compare-and-swap; retried on a lost race)."""
     uri = storage.join(dataset_uri, MANIFEST)
     if storage.parse(uri).scheme != "s3":

@@ -17,7 +17,9 @@ class RayConfig(StrictModel):
 
     address: str | None = None
     num_cpus: int | None = Field(None, ge=1, description="local Ray only: CPUs to offer (default: all)")
-    num_gpus: int | None = Field(None, ge=0, description="local Ray only: GPUs to offer (logical ones test scheduling)")
+    num_gpus: int | None = Field(
+        None, ge=0, description="local Ray only: GPUs to offer (logical ones test scheduling)"
+    )
     object_store_memory: int | None = Field(None, ge=75 * 2**20)
 
 
@@ -32,8 +34,13 @@ def init_ray(cfg: RayConfig):
         log.info("connecting to Ray at %s", address)
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, object_store_memory=cfg.object_store_memory,
-                 include_dashboard=False, log_to_driver=True)
+        ray.init(
+            num_cpus=cfg.num_cpus,
+            num_gpus=cfg.num_gpus,
+            object_store_memory=cfg.object_store_memory,
+            include_dashboard=False,
+            log_to_driver=True,
+        )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("FACESYNTH_PROGRESS", "1") != "0"
     return ray

@@ -58,36 +58,48 @@ class WorkUnit:
 
     def rows(self, base_seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(identity, sample, seed) arrays for every row, identity-major."""
-        ids = np.repeat(np.arange(self.identity_start, self.identity_stop, dtype=np.int64),
-                        self.sample_stop - self.sample_start)
-        samples = np.tile(np.arange(self.sample_start, self.sample_stop, dtype=np.int64),
-                          self.identity_stop - self.identity_start)
+        ids = np.repeat(
+            np.arange(self.identity_start, self.identity_stop, dtype=np.int64),
+            self.sample_stop - self.sample_start,
+        )
+        samples = np.tile(
+            np.arange(self.sample_start, self.sample_stop, dtype=np.int64),
+            self.identity_stop - self.identity_start,
+        )
         return ids, samples, row_seeds(base_seed, ids, samples)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def plan_units(num_identities: int, samples_per_identity: int, identities_per_unit: int,
-               identity_offset: int = 0) -> list[WorkUnit]:
+def plan_units(
+    num_identities: int, samples_per_identity: int, identities_per_unit: int, identity_offset: int = 0
+) -> list[WorkUnit]:
     """Cut identities x samples into deterministic units of ``identities_per_unit`` identities."""
-    for name, value in (("num_identities", num_identities), ("samples_per_identity", samples_per_identity),
-                        ("identities_per_unit", identities_per_unit)):
+    for name, value in (
+        ("num_identities", num_identities),
+        ("samples_per_identity", samples_per_identity),
+        ("identities_per_unit", identities_per_unit),
+    ):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     starts = range(identity_offset, identity_offset + num_identities, identities_per_unit)
     stop_all = identity_offset + num_identities
-    return [WorkUnit(k, s, min(s + identities_per_unit, stop_all), 0, samples_per_identity)
-            for k, s in enumerate(starts)]
+    return [
+        WorkUnit(k, s, min(s + identities_per_unit, stop_all), 0, samples_per_identity)
+        for k, s in enumerate(starts)
+    ]
 
 
 def row_seeds(base_seed: int, identities: np.ndarray, samples: np.ndarray) -> np.ndarray:
     """Per-row 63-bit seeds from (base seed, identity, sample): independent of batching and order."""
     ids = np.asarray(identities, np.uint64)
     base = np.full(ids.shape, base_seed, np.uint64)
-    x = (ids * np.uint64(0x9E3779B97F4A7C15)
-         ^ np.asarray(samples, np.uint64) * np.uint64(0xBF58476D1CE4E5B9)
-         ^ base * np.uint64(0x94D049BB133111EB))
+    x = (
+        ids * np.uint64(0x9E3779B97F4A7C15)
+        ^ np.asarray(samples, np.uint64) * np.uint64(0xBF58476D1CE4E5B9)
+        ^ base * np.uint64(0x94D049BB133111EB)
+    )
     # splitmix64 finaliser: a well-mixed, reproducible hash
     x ^= x >> np.uint64(30)
     x *= np.uint64(0xBF58476D1CE4E5B9)

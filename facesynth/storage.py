@@ -57,7 +57,9 @@ def parse(uri: str | os.PathLike) -> Location:
     if parsed.scheme == "file":
         return Location("file", os.path.abspath(parsed.path))
     if parsed.scheme and len(parsed.scheme) > 1:
-        raise ValueError(f"storage URI {uri!r}: unsupported scheme {parsed.scheme!r} (use s3://, file:// or a path)")
+        raise ValueError(
+            f"storage URI {uri!r}: unsupported scheme {parsed.scheme!r} (use s3://, file:// or a path)"
+        )
     return Location("file", os.path.abspath(uri))
 
 
@@ -117,14 +119,28 @@ def boto3_client():
 
 def is_transient(exc: BaseException) -> bool:
     """True for errors worth retrying: 5xx/throttling answers and dropped connections."""
-    code = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode") if hasattr(
-        exc, "response"
-    ) else None
+    code = (
+        getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if hasattr(exc, "response")
+        else None
+    )
     if code is not None:
         return code >= 500 or code == 429
     text = str(exc)
-    markers = ("SlowDown", "InternalError", "ServiceUnavailable", "503", "500", "502", "504",
-               "Connection reset", "Broken pipe", "timed out", "Couldn't connect", "RequestTimeout")
+    markers = (
+        "SlowDown",
+        "InternalError",
+        "ServiceUnavailable",
+        "503",
+        "500",
+        "502",
+        "504",
+        "Connection reset",
+        "Broken pipe",
+        "timed out",
+        "Couldn't connect",
+        "RequestTimeout",
+    )
     return isinstance(exc, (ConnectionError, TimeoutError)) or any(m in text for m in markers)
 
 

@@ -15,7 +15,9 @@ class BenchmarkJob(StrictModel):
     output: str
     style: str = Field("render", pattern="^(render|photo)$")
     size: int = Field(112, ge=32, le=128)
-    identity_offset: int = Field(1_000_000, ge=0, description="first benchmark identity; keep training ids below")
+    identity_offset: int = Field(
+        1_000_000, ge=0, description="first benchmark identity; keep training ids below"
+    )
     num_identities: int = Field(3000, ge=1)
     seed: int = Field(0, ge=0)
     pair_counts: dict[str, int] = Field(
@@ -26,8 +28,15 @@ class BenchmarkJob(StrictModel):
 
 def build(cfg: BenchmarkJob) -> dict:
     """Write the benchmark sets and the resolved config; returns the summary."""
-    summary = build_benchmark(cfg.output, style=cfg.style, size=cfg.size, identity_offset=cfg.identity_offset,
-                              num_identities=cfg.num_identities, seed=cfg.seed, pair_counts=cfg.pair_counts)
+    summary = build_benchmark(
+        cfg.output,
+        style=cfg.style,
+        size=cfg.size,
+        identity_offset=cfg.identity_offset,
+        num_identities=cfg.num_identities,
+        seed=cfg.seed,
+        pair_counts=cfg.pair_counts,
+    )
     save_resolved(cfg, cfg.output)
     return summary
 

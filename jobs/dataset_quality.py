@@ -104,6 +104,7 @@ def quality_metrics(
         "identities": len(np.unique(syn.identities)),
         "identity_consistency": {
             "mean": consistency["mean"],
+            "chance": quality.consistency_chance(syn.embeddings, syn.identities),
             "per_identity": _per_identity_summary(consistency["per_identity"]),
             "lowest": [{"identity": i, "cosine": c} for i, c in lowest],
         },
@@ -191,6 +192,7 @@ def report_sections(q: dict) -> dict[str, str]:
     rows = [
         ("images / identities", f"{q['images']} / {q['identities']}"),
         ("identity consistency (mean cosine to centre)", _fmt(q["identity_consistency"]["mean"])),
+        ("identity consistency at chance (labels shuffled)", _fmt(q["identity_consistency"]["chance"])),
         ("intra-class diversity (mean 1 - cosine)", _fmt(q["intra_class_diversity"]["mean"])),
         ("inter-class mean centre cosine", _fmt(sep["mean_centre_cosine"])),
         (
@@ -256,7 +258,8 @@ def summary_lines(q: dict) -> list[str]:
         f"dataset quality of {q['dataset']} judged by {q['judge']}",
         f"  {q['images']} images, {q['identities']} identities",
         f"  identity consistency   {_fmt(q['identity_consistency']['mean'])}"
-        f"  (per identity min {_fmt(q['identity_consistency']['per_identity']['min'])})",
+        f"  (chance {_fmt(q['identity_consistency']['chance'])}, "
+        f"per identity min {_fmt(q['identity_consistency']['per_identity']['min'])})",
         f"  intra-class diversity  {_fmt(q['intra_class_diversity']['mean'])}",
         f"  inter-class centres    mean cos {_fmt(sep['mean_centre_cosine'])}, "
         f"nearest max {_fmt(sep['nearest_centre_cosine_max'])}",

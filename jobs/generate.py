@@ -20,11 +20,11 @@ import numpy as np
 from pydantic import Field
 
 from facesynth import shards, storage
-from facesynth.config import ConfigError, StrictModel, parse_job_args, save_resolved
+from facesynth.config import ConfigError, StrictModel, parse_job_args
 from facesynth.runtime import RayConfig, init_ray
 from synthgen.identity_embeddings import decode_images, save_npy
 from synthgen.procedural import save_grid
-from synthgen.stage import StageConfig, StageResult, run_ray
+from synthgen.stage import StageConfig, StageResult, generate_dataset
 from synthgen.uiface.generator import (
     IDENTITIES_FILE,
     IdentitiesConfig,
@@ -161,11 +161,15 @@ def generate(cfg: GenerateConfig) -> GenerateResult:
     """Run the generation job (resumable); callable from a Ray Tune trial."""
     plan = prepare(cfg)
     init_ray(cfg.ray)
-    stage = run_ray(plan.units, plan.factory, cfg.output, base_seed=plan.base_seed, cfg=cfg.stage)
-    shards.remove_uncommitted(cfg.output)
-    resolved = cfg.model_dump(mode="json")
-    shards.write_card(cfg.output, resolved, title="UIFace synthetic dataset")
-    save_resolved(cfg, cfg.output)
+    stage = generate_dataset(
+        plan.units,
+        plan.factory,
+        cfg.output,
+        base_seed=plan.base_seed,
+        stage=cfg.stage,
+        resolved_config=cfg,
+        title="UIFace synthetic dataset",
+    )
     write_grid(
         cfg.output, min(cfg.identities.count, GRID_MAX), min(cfg.identities.samples_per_identity, GRID_MAX)
     )
@@ -175,7 +179,9 @@ def generate(cfg: GenerateConfig) -> GenerateResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_job_args(GenerateConfig, argv, "Generate a UIFace synthetic face dataset on Ray.")
+    cfg = parse_job_args(
+        GenerateConfig, argv, "Generate a UIFace synthetic face dataset on Ray.", default="uiface-tiny"
+    )
     try:
         result = generate(cfg)
     except ConfigError as exc:

@@ -36,14 +36,23 @@ class RenderJob(StrictModel):
 
 def write_grids(cfg: RenderJob) -> list[str]:
     """One PNG per style: the job's first identities x samples, rendered with the dataset's own seeds."""
-    n_id, n_s = min(cfg.grid.identities, cfg.identities.count), min(cfg.grid.samples, cfg.identities.samples_per_identity)
+    n_id, n_s = (
+        min(cfg.grid.identities, cfg.identities.count),
+        min(cfg.grid.samples, cfg.identities.samples_per_identity),
+    )
     ids = np.repeat(np.arange(cfg.identities.offset, cfg.identities.offset + n_id), n_s)
     samples = np.tile(np.arange(n_s), n_id)
     seeds = shards.row_seeds(cfg.seed, ids, samples)
     out = []
     for style in cfg.grid.styles:
-        batch = render_faces(ids, seeds, style=style, size=cfg.renderer.size, nuisance=cfg.renderer.nuisance,
-                             overrides=cfg.renderer.overrides or None)
+        batch = render_faces(
+            ids,
+            seeds,
+            style=style,
+            size=cfg.renderer.size,
+            nuisance=cfg.renderer.nuisance,
+            overrides=cfg.renderer.overrides or None,
+        )
         uri = storage.join(cfg.output, f"grid_{style}.png")
         save_grid(batch.images, n_id, n_s, uri)
         out.append(uri)
@@ -54,11 +63,22 @@ def render(cfg: RenderJob) -> dict:
     """Render the dataset (resumable) and its grids; returns the summary."""
     if cfg.use_ray:
         init_ray(cfg.ray)
-    result = generate_dataset(cfg.identities, functools.partial(make_procedural, cfg.renderer), cfg.output,
-                              base_seed=cfg.seed, stage=cfg.stage, resolved_config=cfg,
-                              title=f"procedural faces ({cfg.renderer.style})", use_ray=cfg.use_ray)
-    summary = {**shards.summary(cfg.output), "grids": write_grids(cfg),
-               "generated_now": result.images, "images_per_s": round(result.images_per_s, 1)}
+    result = generate_dataset(
+        cfg.identities.units(),
+        functools.partial(make_procedural, cfg.renderer),
+        cfg.output,
+        base_seed=cfg.seed,
+        stage=cfg.stage,
+        resolved_config=cfg,
+        title=f"procedural faces ({cfg.renderer.style})",
+        use_ray=cfg.use_ray,
+    )
+    summary = {
+        **shards.summary(cfg.output),
+        "grids": write_grids(cfg),
+        "generated_now": result.images,
+        "images_per_s": round(result.images_per_s, 1),
+    }
     return summary
 
 

@@ -83,7 +83,10 @@ def train(cfg: TrainIdCondConfig) -> TrainResult:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_job_args(
-        TrainIdCondConfig, argv, "Train a UIFace identity-conditioned diffusion model on Ray Train."
+        TrainIdCondConfig,
+        argv,
+        "Train a UIFace identity-conditioned diffusion model on Ray Train.",
+        default="uiface-train-quickstart",
     )
     result = train(cfg)
     print(

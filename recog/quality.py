@@ -45,6 +45,16 @@ def identity_consistency(embeddings: np.ndarray, identities: np.ndarray) -> dict
     }
 
 
+def consistency_chance(embeddings: np.ndarray, identities: np.ndarray, seed: int = 0) -> float:
+    """Identity consistency with the identity labels randomly permuted: the chance level.
+
+    An image pulls its own identity centre towards itself, so even random groups score above 0
+    (about ``1/sqrt(n)`` for ``n`` images an identity); compare ``identity_consistency`` to this.
+    """
+    shuffled = np.random.default_rng(seed).permutation(np.asarray(identities))
+    return identity_consistency(embeddings, shuffled)["mean"]
+
+
 def intra_class_diversity(embeddings: np.ndarray, identities: np.ndarray) -> dict:
     """Mean pairwise cosine distance (1 - cos) between images of the same identity.
 

@@ -65,22 +65,29 @@ class Generator:
         raise NotImplementedError
 
 
-def generate_unit_rows(gen: Generator, units: list[shards.WorkUnit], base_seed: int,
-                       batch_size: int) -> list[dict]:
+def generate_unit_rows(
+    gen: Generator, units: list[shards.WorkUnit], base_seed: int, batch_size: int
+) -> list[dict]:
     """Run ``gen`` over the rows of ``units`` in micro-batches; one result dict per unit."""
     rows = [u.rows(base_seed) for u in units]
     ids, samples, seeds = (np.concatenate(c) for c in zip(*rows))
-    parts = [gen.generate(ids[i:i + batch_size], samples[i:i + batch_size], seeds[i:i + batch_size])
-             for i in range(0, len(ids), batch_size)]
+    parts = [
+        gen.generate(ids[i : i + batch_size], samples[i : i + batch_size], seeds[i : i + batch_size])
+        for i in range(0, len(ids), batch_size)
+    ]
     images = np.concatenate([p.images for p in parts])
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != len(ids):
-        raise ValueError(f"generator {gen.name}: expected uint8 images [N,H,W,3] with N={len(ids)}, "
-                         f"got {images.dtype} {images.shape}")
+        raise ValueError(
+            f"generator {gen.name}: expected uint8 images [N,H,W,3] with N={len(ids)}, "
+            f"got {images.dtype} {images.shape}"
+        )
     meta = {
         "identity_name": [n for p in parts for n in p.identity_names],
         "prompt": [s for p in parts for s in p.prompts],
         "params": [shards.params_json(x) for p in parts for x in p.params],
-        "t0": np.concatenate([p.t0 if p.t0 is not None else np.full(len(p.images), -1) for p in parts]).tolist(),
+        "t0": np.concatenate(
+            [p.t0 if p.t0 is not None else np.full(len(p.images), -1) for p in parts]
+        ).tolist(),
     }
     if parts[0].embeddings is not None:
         meta["embedding"] = np.concatenate([p.embeddings for p in parts]).astype(np.float32).tolist()
@@ -88,15 +95,22 @@ def generate_unit_rows(gen: Generator, units: list[shards.WorkUnit], base_seed: 
     out, start = [], 0
     for u, (uid, usample, useed) in zip(units, rows):
         stop = start + len(uid)
-        out.append({
-            "unit": u.index,
-            "images": images[start:stop],
-            "meta": json.dumps({
-                "identity": uid.tolist(), "sample": usample.tolist(), "seed": useed.tolist(),
-                "domain": gen.domain, "generator": gen.name,
-                **{k: v[start:stop] for k, v in meta.items()},
-            }),
-        })
+        out.append(
+            {
+                "unit": u.index,
+                "images": images[start:stop],
+                "meta": json.dumps(
+                    {
+                        "identity": uid.tolist(),
+                        "sample": usample.tolist(),
+                        "seed": useed.tolist(),
+                        "domain": gen.domain,
+                        "generator": gen.name,
+                        **{k: v[start:stop] for k, v in meta.items()},
+                    }
+                ),
+            }
+        )
         start = stop
     return out
 
@@ -146,12 +160,21 @@ class _GeneratorActor:
         self.batch_size = batch_size
 
     def __call__(self, batch: dict) -> dict:
-        units = [shards.WorkUnit(*(int(batch[k][i]) for k in
-                                   ("index", "identity_start", "identity_stop", "sample_start", "sample_stop")))
-                 for i in range(len(batch["index"]))]
+        units = [
+            shards.WorkUnit(
+                *(
+                    int(batch[k][i])
+                    for k in ("index", "identity_start", "identity_stop", "sample_start", "sample_stop")
+                )
+            )
+            for i in range(len(batch["index"]))
+        ]
         out = generate_unit_rows(self.gen, units, self.base_seed, self.batch_size)
-        return {"unit": np.array([o["unit"] for o in out]), "images": _ragged([o["images"] for o in out]),
-                "meta": np.array([o["meta"] for o in out], dtype=object)}
+        return {
+            "unit": np.array([o["unit"] for o in out]),
+            "images": _ragged([o["images"] for o in out]),
+            "meta": np.array([o["meta"] for o in out], dtype=object),
+        }
 
 
 def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
@@ -163,7 +186,9 @@ def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
 
 
 def _write_batch(batch: dict, dataset_uri: str, cfg: StageConfig) -> dict:
-    records = [write_unit(dataset_uri, {k: batch[k][i] for k in batch}, cfg) for i in range(len(batch["unit"]))]
+    records = [
+        write_unit(dataset_uri, {k: batch[k][i] for k in batch}, cfg) for i in range(len(batch["unit"]))
+    ]
     return {"record": np.array([json.dumps(r) for r in records], dtype=object)}
 
 
@@ -220,8 +245,14 @@ def _pending_units(dataset_uri: str, units: list[shards.WorkUnit]) -> tuple[list
     return [u for u in units if u.index not in committed], len(committed)
 
 
-def run_ray(units: list[shards.WorkUnit], factory: Callable[[], Generator], dataset_uri: str, *,
-            base_seed: int, cfg: StageConfig) -> StageResult:
+def run_ray(
+    units: list[shards.WorkUnit],
+    factory: Callable[[], Generator],
+    dataset_uri: str,
+    *,
+    base_seed: int,
+    cfg: StageConfig,
+) -> StageResult:
     """Generate the uncommitted ``units`` through Ray Data and commit their shards."""
     import ray.data
 
@@ -240,16 +271,27 @@ def run_ray(units: list[shards.WorkUnit], factory: Callable[[], Generator], data
             concurrency=(cfg.min_actors, max(cfg.min_actors, cfg.max_actors)),
             batch_format="numpy",
         )
-        ds = ds.map_batches(_write_batch, fn_kwargs={"dataset_uri": dataset_uri, "cfg": cfg},
-                            batch_size=1, num_cpus=cfg.encoders_cpus, batch_format="numpy")
+        ds = ds.map_batches(
+            _write_batch,
+            fn_kwargs={"dataset_uri": dataset_uri, "cfg": cfg},
+            batch_size=1,
+            num_cpus=cfg.encoders_cpus,
+            batch_format="numpy",
+        )
         for row in ds.iter_rows():
             committer.add(json.loads(row["record"]))
     committer.close()
     return StageResult(before, committer.done, len(units), committer.images, time.perf_counter() - start)
 
 
-def run_plain(units: Iterable[shards.WorkUnit], factory: Callable[[], Generator], dataset_uri: str, *,
-              base_seed: int, cfg: StageConfig) -> StageResult:
+def run_plain(
+    units: Iterable[shards.WorkUnit],
+    factory: Callable[[], Generator],
+    dataset_uri: str,
+    *,
+    base_seed: int,
+    cfg: StageConfig,
+) -> StageResult:
     """The same per-unit work in one process, no Ray (baseline and debugging path)."""
     units = list(units)
     pending, before = _pending_units(dataset_uri, units)
@@ -257,7 +299,9 @@ def run_plain(units: Iterable[shards.WorkUnit], factory: Callable[[], Generator]
     start = time.perf_counter()
     gen = factory()
     for i in range(0, len(pending), cfg.units_per_call):
-        for unit_row in generate_unit_rows(gen, pending[i:i + cfg.units_per_call], base_seed, cfg.batch_size):
+        for unit_row in generate_unit_rows(
+            gen, pending[i : i + cfg.units_per_call], base_seed, cfg.batch_size
+        ):
             committer.add(write_unit(dataset_uri, unit_row, cfg))
     committer.close()
     return StageResult(before, committer.done, len(units), committer.images, time.perf_counter() - start)
@@ -275,14 +319,23 @@ class UnitPlan(StrictModel):
         return shards.plan_units(self.count, self.samples_per_identity, self.per_unit, self.offset)
 
 
-def generate_dataset(plan: UnitPlan, factory: Callable[[], Generator], output: str, *, base_seed: int,
-                     stage: StageConfig, resolved_config, title: str, use_ray: bool = True) -> StageResult:
+def generate_dataset(
+    units: list[shards.WorkUnit],
+    factory: Callable[[], Generator],
+    output: str,
+    *,
+    base_seed: int,
+    stage: StageConfig,
+    resolved_config,
+    title: str,
+    use_ray: bool = True,
+) -> StageResult:
     """Run a generation job end to end: resolved config, generation (resumable), cleanup, ``card.md``."""
     from facesynth.config import save_resolved
 
     save_resolved(resolved_config, output)
     run = run_ray if use_ray else run_plain
-    result = run(plan.units(), factory, output, base_seed=base_seed, cfg=stage)
+    result = run(units, factory, output, base_seed=base_seed, cfg=stage)
     stray = shards.remove_uncommitted(output)
     if stray:
         log.info("removed %d uncommitted leftovers of earlier runs", len(stray))

@@ -21,10 +21,18 @@ class NoiseGenerator(Generator):
 
     def generate(self, identities, samples, seeds):
         time.sleep(self.delay)
-        images = np.stack([np.random.default_rng(int(s)).integers(0, 256, (self.size, self.size, 3), np.uint8)
-                           for s in seeds])
-        return Generated(images=images, identity_names=[f"id{i:05d}" for i in identities],
-                         prompts=[""] * len(seeds), params=[{"size": self.size}] * len(seeds))
+        images = np.stack(
+            [
+                np.random.default_rng(int(s)).integers(0, 256, (self.size, self.size, 3), np.uint8)
+                for s in seeds
+            ]
+        )
+        return Generated(
+            images=images,
+            identity_names=[f"id{i:05d}" for i in identities],
+            prompts=[""] * len(seeds),
+            params=[{"size": self.size}] * len(seeds),
+        )
 
 
 def make_noise(size: int = 16, delay: float = 0.0):

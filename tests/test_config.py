@@ -14,9 +14,17 @@ from tests.conftest import ROOT
 
 
 def test_preset_plus_overrides_are_typed(tmp_path):
-    cfg = load_config(RenderJob, "render-quickstart",
-                      ["output=s3://bucket/run", "identities.count=7", "renderer.nuisance.yaw_range=[-5, 5]",
-                       "stage.num_gpus=1", "grid.styles=[photo]"])
+    cfg = load_config(
+        RenderJob,
+        "render-quickstart",
+        [
+            "output=s3://bucket/run",
+            "identities.count=7",
+            "renderer.nuisance.yaw_range=[-5, 5]",
+            "stage.num_gpus=1",
+            "grid.styles=[photo]",
+        ],
+    )
     assert cfg.output == "s3://bucket/run" and cfg.identities.count == 7
     assert cfg.renderer.nuisance.yaw_range == (-5.0, 5.0) and cfg.stage.num_gpus == 1.0
     assert cfg.grid.styles == ["photo"]
@@ -25,16 +33,19 @@ def test_preset_plus_overrides_are_typed(tmp_path):
     assert again == cfg
 
 
-@pytest.mark.parametrize(("override", "key", "why"), [
-    ("identities.cuont=3", "identities.cuont", "unknown key"),
-    ("bogus=1", "bogus", "unknown key"),
-    ("identities.count=-4", "identities.count", "greater than or equal to 1"),
-    ("identities.count=many", "identities.count", "valid integer"),
-    ("stage.batch_size=0", "stage.batch_size", "greater than or equal to 1"),
-    ("renderer.style=cartoon", "renderer.style", "pattern"),
-    ("renderer.size=512", "renderer.size", "less than or equal to 128"),
-    ("renderer.nuisance.yaw_range=[30, -30]", "renderer.nuisance", "yaw_range: low 30.0 is above high"),
-])
+@pytest.mark.parametrize(
+    ("override", "key", "why"),
+    [
+        ("identities.cuont=3", "identities.cuont", "unknown key"),
+        ("bogus=1", "bogus", "unknown key"),
+        ("identities.count=-4", "identities.count", "greater than or equal to 1"),
+        ("identities.count=many", "identities.count", "valid integer"),
+        ("stage.batch_size=0", "stage.batch_size", "greater than or equal to 1"),
+        ("renderer.style=cartoon", "renderer.style", "pattern"),
+        ("renderer.size=512", "renderer.size", "less than or equal to 128"),
+        ("renderer.nuisance.yaw_range=[30, -30]", "renderer.nuisance", "yaw_range: low 30.0 is above high"),
+    ],
+)
 def test_errors_name_the_key(override, key, why):
     with pytest.raises(ConfigError) as err:
         load_config(RenderJob, "render-quickstart", [override])
@@ -58,8 +69,12 @@ def test_missing_required_and_bad_override_syntax(tmp_path):
 
 def test_job_cli_fails_before_any_work(tmp_path):
     out = tmp_path / "never"
-    proc = subprocess.run([sys.executable, "-m", "jobs.render", f"output={out}", "identities.count=0"],
-                          capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.render", f"output={out}", "identities.count=0"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 2
     assert "identities.count: Input should be greater than or equal to 1" in proc.stderr
     assert not out.exists()

@@ -175,3 +175,18 @@ def test_dataset_quality_combines_the_parts():
         "nearest_centre_cosine_mean",
         "nearest_centre_cosine_max",
     }
+
+
+def test_consistency_chance_separates_clustered_from_random_identities():
+    from recog.quality import consistency_chance, identity_consistency
+
+    rng = np.random.default_rng(0)
+    ids = np.repeat(np.arange(20), 5)
+    centres = rng.normal(size=(20, 64))
+    clustered = centres[ids] + 0.3 * rng.normal(size=(100, 64))
+    random = rng.normal(size=(100, 64))
+    chance = consistency_chance(clustered, ids)
+    assert identity_consistency(clustered, ids)["mean"] > 0.9 > 0.6 > chance
+    # random embeddings: consistency is at chance level (about 1/sqrt(5) from the self term)
+    assert abs(identity_consistency(random, ids)["mean"] - consistency_chance(random, ids)) < 0.02
+    assert 0.35 < consistency_chance(random, ids) < 0.55

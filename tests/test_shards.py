@@ -90,8 +90,12 @@ def test_corrupted_shard_is_reported_by_verify_and_cli(tmp_path):
     problems = shards.verify(uri)
     assert len(problems) == 2
     assert "part-00003.parquet: sha256" in problems[0] and "part-00005.parquet: missing" in problems[1]
-    cli = subprocess.run([sys.executable, "-m", "facesynth.cli", "dataset", "verify", uri],
-                         capture_output=True, text=True, cwd=ROOT)
+    cli = subprocess.run(
+        [sys.executable, "-m", "facesynth.cli", "dataset", "verify", uri],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert cli.returncode == 1 and "part-00003.parquet" in cli.stdout
 
 
@@ -117,8 +121,9 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted(tmp_path):
     assert shards.verify(uri) == []
 
 
-def test_injected_s3_5xx_are_retried_and_nothing_partial_is_committed(tmp_path, s3_bucket, moto_server,
-                                                                        monkeypatch):
+def test_injected_s3_5xx_are_retried_and_nothing_partial_is_committed(
+    tmp_path, s3_bucket, moto_server, monkeypatch
+):
     reference = write(str(tmp_path / "ref"))
     proxy = FaultProxy(moto_server.port, fail_rate=0.2, seed=1)
     try:

@@ -58,7 +58,8 @@ def test_read_dataset_sees_committed_shards_only(ray_local, tmp_path):
     run_plain(UNITS[:3], functools.partial(make_noise, 16), uri, base_seed=3, cfg=StageConfig())
     # an uncommitted shard of a killed writer, sitting where a glob would find it
     (tmp_path / "ds" / "shards" / "part-00005.parquet").write_bytes(
-        (tmp_path / "ds" / "shards" / "part-00000.parquet").read_bytes())
+        (tmp_path / "ds" / "shards" / "part-00000.parquet").read_bytes()
+    )
     ds = shards.read_dataset(uri, columns=["identity", "sample", "seed"])
     rows = sorted((r["identity"], r["sample"]) for r in ds.iter_rows())
     assert rows == [(i, s) for i in range(6) for s in range(4)]
@@ -73,12 +74,22 @@ def test_cli_info_reports_counts(tmp_path):
 
     uri = str(tmp_path / "ds")
     run_plain(UNITS, functools.partial(make_noise, 16), uri, base_seed=3, cfg=StageConfig())
-    out = subprocess.run([sys.executable, "-m", "facesynth.cli", "dataset", "info", uri],
-                         capture_output=True, text=True, cwd=ROOT, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "facesynth.cli", "dataset", "info", uri],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
     info = json.loads(out.stdout)
     assert (info["rows"], info["shards"], info["identities"], info["complete"]) == (48, 6, 12, True)
     assert info["images_per_identity"] == {"min": 4, "mean": 4.0, "max": 4}
     assert info["generator"] == {"noise": 48}
-    help_text = subprocess.run([sys.executable, "-m", "facesynth.cli", "--help"], capture_output=True,
-                               text=True, cwd=ROOT, check=True).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "facesynth.cli", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    ).stdout
     assert "dataset" in help_text

@@ -29,8 +29,14 @@ class ProceduralGenerator(Generator):
         self.domain = "render"
 
     def generate(self, identities, samples, seeds) -> Generated:
-        batch = render_faces(identities, seeds, style=self.cfg.style, size=self.cfg.size,
-                             nuisance=self.cfg.nuisance, overrides=self.cfg.overrides or None)
+        batch = render_faces(
+            identities,
+            seeds,
+            style=self.cfg.style,
+            size=self.cfg.size,
+            nuisance=self.cfg.nuisance,
+            overrides=self.cfg.overrides or None,
+        )
         return Generated(
             images=batch.images,
             identity_names=[f"procedural-{int(i):07d}" for i in identities],
