@@ -63,6 +63,11 @@ def parse(uri: str | os.PathLike) -> Location:
     return Location("file", os.path.abspath(uri))
 
 
+def absolute(uri: str | os.PathLike) -> str:
+    """The URI with a relative local path made absolute (for processes with another working directory)."""
+    return parse(uri).uri
+
+
 def s3_settings() -> dict:
     """S3 endpoint/region/credentials from the standard AWS environment variables."""
     env = os.environ
@@ -119,11 +124,8 @@ def boto3_client():
 
 def is_transient(exc: BaseException) -> bool:
     """True for errors worth retrying: 5xx/throttling answers and dropped connections."""
-    code = (
-        getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if hasattr(exc, "response")
-        else None
-    )
+    response = getattr(exc, "response", None)  # botocore ClientError
+    code = response.get("ResponseMetadata", {}).get("HTTPStatusCode") if isinstance(response, dict) else None
     if code is not None:
         return code >= 500 or code == 429
     text = str(exc)

@@ -167,8 +167,9 @@ def check_split_record(uri: str, record: dict) -> None:
         if old != record:
             changed = sorted(k for k in record if old.get(k) != record[k])
             raise ValueError(
-                f"{uri}: the splits there were made with other {changed} ({ {k: old.get(k) for k in changed} }); "
-                "expected the same settings: use another output or delete it"
+                f"{uri}: the splits there were made with other settings "
+                f"({', '.join(f'{k}={old.get(k)!r}' for k in changed)}); expected {changed} to match: "
+                "use another output or delete it"
             )
 
 
@@ -245,7 +246,8 @@ def write_report(cfg: CrossDomainJob, experiments: list, results: dict, names: d
         parts += ["", f"### {e.train} → {e.test}", "", cd.confusion_markdown(e, names)]
     parts += ["", "## Trainings", ""]
     parts += [
-        f"- {label[k]}: `{r.output}/report.md` (final loss {r.final_loss:.4f})" for k, r in results.items()
+        f"- {label[k]}: `{r['output']}/report.md` (final loss {r['final_loss']:.4f})"
+        for k, r in results.items()
     ]
     uri = storage.join(cfg.output, "cross_domain.md")
     storage.write_bytes(uri, ("\n".join(parts) + "\n").encode())

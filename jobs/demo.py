@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pydantic import BaseModel, Field
 
 from facesynth import storage
-from facesynth.config import StrictModel, load_config, parse_job_args
+from facesynth.config import ConfigError, StrictModel, load_config, parse_job_args
 
 STAGES = ("render", "benchmark", "train_fr", "evaluate", "train_uiface", "generate", "quality")
 
@@ -173,18 +173,22 @@ def summary_markdown(root: str, results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def demo(cfg: DemoConfig) -> dict[str, dict]:
-    """Run the selected stages in order; returns each stage's result keyed by stage:output."""
+def plan_configs(cfg: DemoConfig) -> list[tuple[str, Callable, BaseModel]]:
+    """Every selected stage's validated job config, before any stage runs."""
     unknown = sorted(set(cfg.stages) - set(STAGES)) + sorted(set(cfg.overrides) - set(STAGES))
     if unknown:
-        raise SystemExit(f"error: stages/overrides {unknown} unknown: expected names from {STAGES}")
+        raise ConfigError(f"stages/overrides {unknown} unknown: expected names from {STAGES}")
     plan = [p for p in _stage_plan(cfg.output) if p[0] in cfg.stages]
-    # validate every stage's config before running the first one
-    configs = [
+    return [
         (name, run, load_config(model, preset, [*over, *cfg.overrides.get(name, [])]))
         for name, preset, loader, over in plan
         for model, run in [loader()]
     ]
+
+
+def demo(cfg: DemoConfig) -> dict[str, dict]:
+    """Run the selected stages in order; returns each stage's result keyed by stage:output."""
+    configs = plan_configs(cfg)
     results: dict[str, dict] = {}
     for name, run, job_cfg in configs:
         start = time.perf_counter()
@@ -201,7 +205,10 @@ def demo(cfg: DemoConfig) -> dict[str, dict]:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_job_args(DemoConfig, argv, __doc__)
-    results = demo(cfg)
+    try:
+        results = demo(cfg)
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
     storage.write_bytes(
         storage.join(cfg.output, "demo.json"), json.dumps(results, indent=1, default=str).encode()
     )

@@ -251,15 +251,12 @@ def key_findings(runs: Sequence[Run], accuracy: Sequence[float], label: dict[str
             out.append("–")
             continue
         delta = 100 * (acc - ref)
-        kind = (
-            "no change"
-            if delta == 0
-            else (
-                ("domain interference" if delta < 0 else "complementary data")
-                if run.train == "combined"
-                else ("transfer drop" if delta < 0 else "transfer gain")
-            )
-        )
+        if delta == 0:
+            kind = "no change"
+        elif run.train == "combined":
+            kind = "domain interference" if delta < 0 else "complementary data"
+        else:
+            kind = "transfer drop" if delta < 0 else "transfer gain"
         out.append(f"{kind.capitalize()} ({delta:+.1f}% vs {label[run.test]} → {label[run.test]})")
     return out
 

@@ -368,7 +368,7 @@ def train_uiface(
     dataset = embedded.map_batches(
         to_training_rows, fn_kwargs={"image_size": architecture.image_size}, batch_format="numpy"
     )
-    model_uri = storage.join(output_uri, "model")
+    model_uri = storage.join(storage.absolute(output_uri), "model")  # Ray Train workers have another cwd
     fs, path = storage.resolve(storage.join(output_uri, "checkpoints"))
     storage.makedirs(storage.join(output_uri, "checkpoints"))
     trainer = TorchTrainer(
