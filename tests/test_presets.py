@@ -13,6 +13,7 @@ from tests.conftest import ROOT
 
 def job_models() -> dict[str, type]:
     from jobs.build_benchmark import BenchmarkJob
+    from jobs.cross_domain import CrossDomainJob
     from jobs.dataset_quality import QualityJob
     from jobs.evaluate import EvaluateJob
     from jobs.generate import GenerateConfig
@@ -28,13 +29,8 @@ def job_models() -> dict[str, type]:
         "quality-": QualityJob,
         "uiface-train-": TrainIdCondConfig,
         "uiface-": GenerateConfig,
+        "cross-domain-": CrossDomainJob,
     }
-    try:
-        from jobs.cross_domain import CrossDomainConfig
-
-        models["cross-domain-"] = CrossDomainConfig
-    except ImportError:
-        pass
     return models
 
 
