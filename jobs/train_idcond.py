@@ -10,7 +10,6 @@ with the same ``output`` and ``run_name`` resumes from the latest checkpoint. Wr
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 
@@ -18,6 +17,7 @@ from pydantic import Field
 
 from facesynth import storage
 from facesynth.config import StrictModel, parse_job_args, save_resolved
+from facesynth.plots import save_line_plot
 from facesynth.runtime import RayConfig, init_ray
 from synthgen.uiface.train import TrainResult, UIFaceModelSource, UIFaceTrainConfig, train_uiface
 
@@ -40,18 +40,16 @@ class TrainIdCondConfig(StrictModel):
 
 def write_report(cfg: TrainIdCondConfig, result: TrainResult) -> str:
     """``report.md`` with the loss curve (``loss.png``) at the output URI."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in result.loss_log], [r["loss"] for r in result.loss_log])
-    ax.set(xlabel="step", ylabel="epsilon MSE", yscale="log", title=f"UIFace {cfg.run_name}")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    storage.write_bytes(storage.join(cfg.output, "loss.png"), buffer.getvalue())
+    log = result.loss_log
+    save_line_plot(
+        [r["step"] for r in log],
+        [r["loss"] for r in log],
+        storage.join(cfg.output, "loss.png"),
+        xlabel="step",
+        ylabel="epsilon MSE",
+        title=f"UIFace {cfg.run_name}",
+        logy=True,
+    )
     first, last = result.loss_log[0], result.loss_log[-1]
     lines = [
         f"# UIFace training: {cfg.run_name}",

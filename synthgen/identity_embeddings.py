@@ -86,6 +86,8 @@ def embedded_dataset(
     With ``judge_uri`` the embeddings are computed by the judge (one actor, materialised before training);
     without it the shards' ``embedding`` column is used.
     """
+    from ray.data import ActorPoolStrategy
+
     columns = ["image", "identity"] if judge_uri is not None else ["image", "identity", "embedding"]
     ds = shards.read_dataset(data_uri, columns=columns)
     if judge_uri is not None:
@@ -94,7 +96,7 @@ def embedded_dataset(
             fn_constructor_kwargs={"judge_uri": judge_uri, "batch_size": judge_batch_size},
             batch_size=judge_batch_size,
             num_gpus=judge_num_gpus,
-            concurrency=1,
+            compute=ActorPoolStrategy(size=1),
             batch_format="numpy",
         ).materialize()
     return ds

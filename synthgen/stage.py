@@ -1,6 +1,6 @@
 """The generator-agnostic Ray Data generation stage.
 
-work units -> generator actor pool (``map_batches``, ``num_gpus``, ``concurrency=(min, max)``)
+work units -> generator actor pool (``map_batches``, ``num_gpus``, an autoscaling ``ActorPoolStrategy``)
 -> PNG encode + shard write on CPU tasks -> manifest commits on the driver.
 
 One row is one work unit at every step, so a shard is always written from exactly its unit's
@@ -268,7 +268,9 @@ def run_ray(
             batch_size=cfg.units_per_call,
             num_gpus=cfg.num_gpus,
             num_cpus=cfg.num_cpus,
-            concurrency=(cfg.min_actors, max(cfg.min_actors, cfg.max_actors)),
+            compute=ray.data.ActorPoolStrategy(
+                min_size=cfg.min_actors, max_size=max(cfg.min_actors, cfg.max_actors)
+            ),
             batch_format="numpy",
         )
         ds = ds.map_batches(

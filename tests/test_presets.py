@@ -14,6 +14,7 @@ from tests.conftest import ROOT
 def job_models() -> dict[str, type]:
     from jobs.build_benchmark import BenchmarkJob
     from jobs.cross_domain import CrossDomainJob
+    from jobs.demo import DemoConfig
     from jobs.dataset_quality import QualityJob
     from jobs.evaluate import EvaluateJob
     from jobs.generate import GenerateConfig
@@ -30,6 +31,7 @@ def job_models() -> dict[str, type]:
         "uiface-train-": TrainIdCondConfig,
         "uiface-": GenerateConfig,
         "cross-domain-": CrossDomainJob,
+        "demo-": DemoConfig,
     }
     return models
 

@@ -24,6 +24,7 @@ import torch
 
 from facesynth import storage
 from facesynth.config import save_resolved
+from facesynth.plots import save_line_plot
 from facesynth.runtime import init_ray
 from recog.export import export_embedder
 from recog.train.config import TrainConfig
@@ -154,23 +155,16 @@ def export_model(state: dict, cfg: TrainConfig, num_classes: int, labels: dict) 
     return out
 
 
-def _loss_plot(history: list[dict], uri: str) -> None:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5, 3))
-    ax = fig.subplots()
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history])
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    storage.write_bytes(uri, buffer.getvalue())
-
-
 def write_report(result: TrainResult, cfg: TrainConfig, sources: list[Source]) -> str:
     """``report.md`` (+ ``loss.png``) at the output URI; returns the report URI."""
-    _loss_plot(result.history, storage.join(cfg.output, "loss.png"))
+    history = result.history
+    save_line_plot(
+        [h["step"] for h in history],
+        [h["loss"] for h in history],
+        storage.join(cfg.output, "loss.png"),
+        xlabel="step",
+        ylabel="training loss",
+    )
     m, t = cfg.model, cfg.train
     rows = [
         f"| {s.spec.uri} | {s.spec.kind} | {s.spec.weight:g} | {s.rows} | {len(s.identities)} |"
