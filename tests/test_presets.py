@@ -14,8 +14,8 @@ from tests.conftest import ROOT
 def job_models() -> dict[str, type]:
     from jobs.build_benchmark import BenchmarkJob
     from jobs.cross_domain import CrossDomainJob
-    from jobs.demo import DemoConfig
     from jobs.dataset_quality import QualityJob
+    from jobs.demo import DemoConfig
     from jobs.evaluate import EvaluateJob
     from jobs.generate import GenerateConfig
     from jobs.render import RenderJob
