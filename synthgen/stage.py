@@ -240,9 +240,26 @@ class _Committer:
         self.bar.close()
 
 
-def _pending_units(dataset_uri: str, units: list[shards.WorkUnit]) -> tuple[list[shards.WorkUnit], int]:
+def _run(
+    units: Iterable[shards.WorkUnit],
+    dataset_uri: str,
+    cfg: StageConfig,
+    records: Callable[[list[shards.WorkUnit]], Iterable[dict]],
+) -> StageResult:
+    """Skip committed units, commit the shard records ``records(pending)`` yields, and time it."""
+    units = list(units)
     committed = manifest.load(dataset_uri).shards
-    return [u for u in units if u.index not in committed], len(committed)
+    pending = [u for u in units if u.index not in committed]
+    log.info("%s: %d units committed, %d to generate", dataset_uri, len(committed), len(pending))
+    committer = _Committer(dataset_uri, len(units), cfg.commit_every_s, len(pending))
+    start = time.perf_counter()
+    if pending:
+        for record in records(pending):
+            committer.add(record)
+    committer.close()
+    return StageResult(
+        len(committed), committer.done, len(units), committer.images, time.perf_counter() - start
+    )
 
 
 def run_ray(
@@ -254,13 +271,10 @@ def run_ray(
     cfg: StageConfig,
 ) -> StageResult:
     """Generate the uncommitted ``units`` through Ray Data and commit their shards."""
-    import ray.data
 
-    pending, before = _pending_units(dataset_uri, units)
-    log.info("%s: %d units committed, %d to generate", dataset_uri, before, len(pending))
-    committer = _Committer(dataset_uri, len(units), cfg.commit_every_s, len(pending))
-    start = time.perf_counter()
-    if pending:
+    def records(pending: list[shards.WorkUnit]) -> Iterable[dict]:
+        import ray.data
+
         ds = ray.data.from_items([u.to_dict() for u in pending], override_num_blocks=len(pending))
         ds = ds.map_batches(
             _GeneratorActor,
@@ -280,10 +294,9 @@ def run_ray(
             num_cpus=cfg.encoders_cpus,
             batch_format="numpy",
         )
-        for row in ds.iter_rows():
-            committer.add(json.loads(row["record"]))
-    committer.close()
-    return StageResult(before, committer.done, len(units), committer.images, time.perf_counter() - start)
+        return (json.loads(row["record"]) for row in ds.iter_rows())
+
+    return _run(units, dataset_uri, cfg, records)
 
 
 def run_plain(
@@ -295,18 +308,15 @@ def run_plain(
     cfg: StageConfig,
 ) -> StageResult:
     """The same per-unit work in one process, no Ray (baseline and debugging path)."""
-    units = list(units)
-    pending, before = _pending_units(dataset_uri, units)
-    committer = _Committer(dataset_uri, len(units), cfg.commit_every_s, len(pending))
-    start = time.perf_counter()
-    gen = factory()
-    for i in range(0, len(pending), cfg.units_per_call):
-        for unit_row in generate_unit_rows(
-            gen, pending[i : i + cfg.units_per_call], base_seed, cfg.batch_size
-        ):
-            committer.add(write_unit(dataset_uri, unit_row, cfg))
-    committer.close()
-    return StageResult(before, committer.done, len(units), committer.images, time.perf_counter() - start)
+
+    def records(pending: list[shards.WorkUnit]) -> Iterable[dict]:
+        gen = factory()
+        for i in range(0, len(pending), cfg.units_per_call):
+            batch = pending[i : i + cfg.units_per_call]
+            for unit_row in generate_unit_rows(gen, batch, base_seed, cfg.batch_size):
+                yield write_unit(dataset_uri, unit_row, cfg)
+
+    return _run(units, dataset_uri, cfg, records)
 
 
 class UnitPlan(StrictModel):
