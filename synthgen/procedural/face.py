@@ -7,8 +7,10 @@ the head has object coordinates ``(u, v, w)`` on the ellipsoid, so features move
 and pitch, and vanish when they turn away. The nose is a second ellipsoid and the ears are z-tested
 against the head, which gives profiles a nose and one ear.
 
-Images are planar float32 (N, 3, H, W). Small features are evaluated only inside the pixel box that their
-projected extent can reach in any sample of the chunk (views, so painting stays in place).
+Images are planar float32 (N, 3, H, W). Each layer is evaluated only inside the band of image rows that its
+projected extent can reach in any sample of the chunk (views, so painting stays in place). Bands span the full
+width: each image's part is then contiguous, which numpy's fast loops need (a column crop makes every
+operation on it several times slower).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from synthgen.procedural.raster import (
     ellipse,
     ellipse_q,
     ellipsoid_extent,
+    matmul,
     paint,
     per_sample,
     ray_ellipsoid,
@@ -34,7 +37,7 @@ from synthgen.procedural.styles import Style
 FACE_RADIUS = 0.6  # head half-width at scale 1, in normalised image units (the image spans [-1, 1])
 FACE_DROP = -0.08  # head centre below the image centre, normalised units (eyes land at ~42% height)
 NOSE_TILT = 0.35  # radians: the nose ellipsoid leans so that its lower end sticks out
-BAND_MARGIN_PX = 2.0  # pixels added around feature boxes, beyond the widest anti-aliasing ramp
+BAND_MARGIN_PX = 2.0  # pixels added around layer bands, beyond the widest anti-aliasing ramp
 # A 9 x 5 grid over each surface patch (u in [-1, 1], v in [0, 1] of the patch): dense enough that the
 # extremes of the patch's projection (where the surface turns away) fall within a fraction of a pixel.
 _PATCH_U = np.repeat(np.linspace(-1.0, 1.0, 9), 5)
@@ -55,9 +58,20 @@ _HAIR_RGB = np.array(list(HAIR_COLOURS.values()))
 _IRIS_RGB = np.array(list(IRIS_COLOURS.values()))
 
 
-def render_chunk(ic: Columns, sc: Columns, style: Style, size: int) -> np.ndarray:
-    """Render identity columns ``ic`` under sample columns ``sc``: planar float32 RGB in [0, 1], (N, 3, S, S)."""
-    s = _Scene(ic, sc, style, size)
+def layer_extents(ic: Columns, sc: Columns, style: Style, size: int) -> Columns:
+    """Per-sample row bands of the layers, computed once for a whole batch and sliced like the columns.
+
+    Each value is an int array (N, 2): first row and row stop.
+    """
+    return _Scene(ic, sc, style, size).extents()
+
+
+def render_chunk(ic: Columns, sc: Columns, style: Style, size: int, extents: Columns) -> np.ndarray:
+    """Render identity columns ``ic`` under sample columns ``sc``: planar float32 RGB in [0, 1], (N, 3, S, S).
+
+    ``extents`` are the :func:`layer_extents` of these samples.
+    """
+    s = _Scene(ic, sc, style, size, extents)
     canvas = s.background()
     s.body(canvas)
     shell = s.hair_shell(canvas)
@@ -73,27 +87,40 @@ def render_chunk(ic: Columns, sc: Columns, style: Style, size: int) -> np.ndarra
     return s.finish(canvas)
 
 
-Box = tuple[slice, slice]  # (rows, columns) of the image
+Box = slice  # a band of image rows, full width
 
 
 def _band(arr: np.ndarray, box: Box) -> np.ndarray:
-    """The ``box`` of a per-pixel array (..., H, W); axes of length 1 (per-sample values) pass through."""
-    rows, cols = box
-    return arr[..., rows if arr.shape[-2] > 1 else slice(None), cols if arr.shape[-1] > 1 else slice(None)]
+    """The rows ``box`` of a per-pixel array (..., H, W); per-sample values (H = 1) pass through."""
+    return arr[..., box, :] if arr.shape[-2] > 1 else arr
 
 
-def _intersect(a: Box, b: Box) -> Box:
-    """The part of box ``a`` inside box ``b`` (possibly empty)."""
-    return tuple(
-        slice(max(p.start, q.start), max(min(p.stop, q.stop), max(p.start, q.start))) for p, q in zip(a, b)
-    )
+def _inside(extents: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """The part of each per-sample band (N, 2) inside the band ``bounds`` (N, 2) (possibly empty)."""
+    start = np.maximum(extents[:, 0], bounds[:, 0])
+    return np.stack([start, np.maximum(np.minimum(extents[:, 1], bounds[:, 1]), start)], -1)
+
+
+def _chunk_boxes(extents: Columns) -> dict[str, Box]:
+    """The band of each layer over a chunk: the union of its samples' bands."""
+    ext = np.stack(list(extents.values()), 1)  # (N, layers, 2)
+    starts, stops = ext[..., 0].min(0).tolist(), ext[..., 1].max(0).tolist()
+    return {name: slice(start, max(start, stop)) for name, start, stop in zip(extents, starts, stops)}
+
+
+def _rectangle(x0, x1, y0, y1) -> np.ndarray:
+    """Corners (N, 1, 4, 3) of per-sample view-space rectangles ``x0..x1`` by ``y0..y1`` (at z = 0)."""
+    corners = np.zeros((len(x0), 1, 4, 3))
+    corners[..., 0] = np.stack([x0, x0, x1, x1], -1)[:, None]
+    corners[..., 1] = np.stack([y0, y1, y0, y1], -1)[:, None]
+    return corners
 
 
 class _Head:
     """The head's ray hit as image-sized maps: coverage, depth and object coordinates.
 
-    Only the head's box is computed: outside it ``cover`` is 0 and ``z`` far behind everything; ``u, v, w``
-    and ``uf`` (``u`` on the front; pushed far away on the back) are meaningful inside the box alone.
+    Only the head's band is computed: outside it ``cover`` is 0 and ``z`` far behind everything; ``u, v, w``
+    and ``uf`` (``u`` on the front; pushed far away on the back) are meaningful inside the band alone.
     """
 
     def __init__(self, cover, z, u, v, w, uf):
@@ -101,7 +128,7 @@ class _Head:
 
     @classmethod
     def scatter(cls, box: Box, shape: tuple[int, ...], cover, z, u, v, w, uf) -> _Head:
-        """Image-sized maps holding the given box-sized maps at ``box``."""
+        """Image-sized maps holding the given band-sized maps at ``box``."""
         maps = [np.zeros(shape, np.float32), np.full(shape, -1e3, np.float32)]
         maps += [np.empty(shape, np.float32) for _ in range(4)]
         for full, part in zip(maps, (cover, z, u, v, w, uf)):
@@ -113,9 +140,13 @@ class _Head:
 
 
 class _Scene:
-    """Per-chunk scalars, pixel grids and layer painters (each painter composites in place)."""
+    """Per-sample scalars, pixel grids and layer painters (each painter composites in place).
 
-    def __init__(self, ic: Columns, sc: Columns, style: Style, size: int):
+    Without ``extents`` only the scalars are set up (any number of samples: :meth:`extents` of a batch);
+    with them, the pixel grids and each layer's band over these samples too, ready to paint.
+    """
+
+    def __init__(self, ic: Columns, sc: Columns, style: Style, size: int, extents: Columns | None = None):
         f = per_sample
         self.ic, self.sc, self.style, self.size, self.n = ic, sc, style, size, len(sc["yaw"])
         self.yaw, pitch, roll = (np.radians(sc[k]) for k in ("yaw", "pitch", "roll"))
@@ -126,14 +157,6 @@ class _Scene:
         self.cos_roll, self.sin_roll = np.cos(roll), np.sin(roll)
         self.gain = f(size * self.radius / (2.0 * style.edge_px))  # coverage gain per head unit
         self.margin_px = BAND_MARGIN_PX + style.edge_px / min(style.hair_edge, 1.0)  # + the widest edge ramp
-        self.grid = (np.arange(size, dtype=np.float32) + 0.5) * (2.0 / size) - 1.0
-        gx = (self.grid[None, None, :] - f(self.centre[:, 0])) / f(self.radius)
-        gy = (self.grid[None, :, None] - f(self.centre[:, 1])) / f(self.radius)
-        cr, sr = f(self.cos_roll), f(self.sin_roll)
-        self.x = gx * cr + gy * sr
-        self.y = gy * cr - gx * sr
-        taper = 1.0 - f(ic["jaw_taper"]) * np.clip(self.y / f(self.b), 0.0, 1.0) ** 2
-        self.xh = self.x / taper  # jaw-tapered x: the head and everything attached to it use this
         self.age = np.clip(ic["age_base"] + sc["age"], 0.0, 1.0)
         self.offsets = sc["texture_offsets"]
 
@@ -153,25 +176,52 @@ class _Scene:
         hair = _HAIR_RGB[ic["hair_colour"]] * ic["hair_shade"][:, None]
         self.hair = self._tone(hair + grey * (np.array([0.62, 0.6, 0.58]) - hair))
         self.hair_style = ic["hair_style"]
-        self.hair_map = self.hair
-        if style.hair_strands:
-            streaks = textures.crop(textures.noise_banks(size)["streaks"], self.offsets[:, 4:6], size)
-            self.hair_map = self.hair * (1.0 + style.hair_strands * 0.5 * streaks)[:, None]
-        radii = np.stack([np.ones(self.n), self.b, self.c], -1)
-        corners = np.zeros((self.n, 1, 4, 3))
-        corners[..., :2] = ellipsoid_extent(self.rot, radii)[:, None, None] * [
-            [-1, -1],
-            [-1, 1],
-            [1, -1],
-            [1, 1],
-        ]
-        self.head_box = self._boxes(corners, 0.0)[0]
-        patches = self._surface_boxes(self._feature_patches())
-        self.boxes = {name: _intersect(box, self.head_box) for name, box in patches.items()}
+        if extents is not None:
+            self._pixel_grids()
+            self.boxes = _chunk_boxes(extents)
+            self.head_box = self.boxes["head"]
 
-    # -- pixel boxes -------------------------------------------------------------------------------------
-    def _boxes(self, points: np.ndarray, reach, tapered: bool = True) -> list[Box]:
-        """One pixel box per feature f: pixels within ``reach[:, f]`` head units of ``points[:, f]`` in any sample.
+    def _pixel_grids(self) -> None:
+        """Per-pixel view coordinates ``x, y`` and ``xh`` (head units) and the hair colour map."""
+        f, size = per_sample, self.size
+        self.grid = (np.arange(size, dtype=np.float32) + 0.5) * (2.0 / size) - 1.0
+        gx = (self.grid[None, None, :] - f(self.centre[:, 0])) / f(self.radius)
+        gy = (self.grid[None, :, None] - f(self.centre[:, 1])) / f(self.radius)
+        cr, sr = f(self.cos_roll), f(self.sin_roll)
+        self.x = gx * cr + gy * sr
+        self.y = gy * cr - gx * sr
+        taper = 1.0 - f(self.ic["jaw_taper"]) * np.clip(self.y / f(self.b), 0.0, 1.0) ** 2
+        self.xh = self.x / taper  # jaw-tapered x: the head and everything attached to it use this
+        self.hair_map = self.hair
+        if self.style.hair_strands:
+            streaks = textures.crop(textures.noise_banks(size)["streaks"], self.offsets[:, 4:6], size)
+            self.hair_map = self.hair * (1.0 + self.style.hair_strands * 0.5 * streaks)[:, None]
+
+    # -- row bands ---------------------------------------------------------------------------------------
+    def extents(self) -> Columns:
+        """Per-sample row bands (N, 2) of the head, its surface features, nose, ears, hair shell and body."""
+        half_x, half_y = ellipsoid_extent(self.rot, np.stack([np.ones(self.n), self.b, self.c], -1)).T
+        head = self._extents(_rectangle(-half_x, half_x, -half_y, half_y), 0.0)[:, 0]
+        patches = self._surface_extents(self._feature_patches())
+        out = {"head": head, **{name: _inside(e, head) for name, e in patches.items()}}
+        _, radii, centre = self._nose_geometry()
+        out["nose"] = self._extents(centre[:, None, None], radii.max(-1)[:, None])[:, 0]
+        ears = self._extents(self._ear_centres()[:, :, None], self.ic["ear_size"][:, None])
+        out["ear0"], out["ear1"] = ears[:, 0], ears[:, 1]
+        rx, ry, cut, shift = self._shell_geometry()
+        top = -0.08 * self.b - ry
+        bottom = np.minimum(cut, top + ry * (1.0 + SHELL_STRETCH[self.hair_style]))
+        shell = _rectangle(-rx - shift, rx - shift, top, bottom)
+        out["shell"] = self._extents(shell, 0.0, tapered=False)[:, 0]
+        neck_top = np.zeros((self.n, 2, 3))  # the clothes' and neck's highest points, view space
+        neck_top[..., 0], neck_top[..., 1] = [-2.1, 2.1], 0.35 * self.b[:, None]
+        body = self._extents(neck_top[:, None], 0.0, tapered=False)[:, 0]
+        body[:, 1] = self.size  # everything below
+        out["body"] = body
+        return out
+
+    def _extents(self, points: np.ndarray, reach, tapered: bool = True) -> np.ndarray:
+        """Per-sample row bands (N, F, 2) holding the pixels within ``reach[:, f]`` head units of ``points[:, f]``.
 
         ``points``: view space, (N, F, K, 3); ``reach``: (N, F) or a scalar. ``tapered`` points are in the
         jaw-tapered space of the head, which pulls pixels towards the centre line by down to ``1 - jaw_taper``.
@@ -184,22 +234,19 @@ class _Scene:
         half = self.size / 2
         scale = self.radius[:, None, None] * half
         rows = (x * sr + y * cr) * scale + (self.centre[:, 1, None, None] + 1.0) * half - 0.5
-        cols = (x * cr - y * sr) * scale + (self.centre[:, 0, None, None] + 1.0) * half - 0.5
         pad = np.broadcast_to(reach, x.shape[:2])[..., None] * scale + self.margin_px
-        ends = [np.floor((rows - pad).min((0, 2))), np.ceil((rows + pad).max((0, 2))) + 1]
-        ends += [np.floor((cols - pad).min((0, 2))), np.ceil((cols + pad).max((0, 2))) + 1]
-        r0, r1, c0, c1 = np.clip(ends, 0, self.size).astype(np.int64)
-        return [(slice(a, b), slice(c, d)) for a, b, c, d in zip(r0, r1, c0, c1)]
+        ends = [np.floor((rows - pad).min(2)), np.ceil((rows + pad).max(2)) + 1]
+        return np.clip(np.stack(ends, -1), 0, self.size).astype(np.int64)
 
-    def _surface_boxes(self, patches: dict[str, tuple]) -> dict[str, Box]:
-        """Pixel boxes of head-surface patches ``name: (u_half, v_top, v_bottom)`` (per-sample or scalar)."""
+    def _surface_extents(self, patches: dict[str, tuple]) -> Columns:
+        """Row bands of head-surface patches ``name: (u_half, v_top, v_bottom)`` (per-sample or scalar)."""
         zero = np.zeros(self.n)
         spec = np.stack([np.stack(np.broadcast_arrays(*p, zero)[:3], -1) for p in patches.values()], 1)
         u = spec[..., 0:1] * _PATCH_U
         v = spec[..., 1:2] + (spec[..., 2:3] - spec[..., 1:2]) * _PATCH_V
         w = self.c[:, None, None] * np.sqrt(np.maximum(1.0 - u * u - (v / self.b[:, None, None]) ** 2, 0.0))
         points = np.einsum("nij,nfkj->nfki", self.rot, np.stack([u, v, w], -1))
-        return dict(zip(patches, self._boxes(points, 0.0)))
+        return dict(zip(patches, self._extents(points, 0.0).transpose(1, 0, 2)))
 
     def _feature_patches(self) -> dict[str, tuple]:
         """The head-surface patch ``(u_half, v_top, v_bottom)`` holding each painted feature, in every sample."""
@@ -282,10 +329,7 @@ class _Scene:
         return c0 + t[:, None] * (c1 - c0)
 
     def body(self, canvas) -> None:
-        f, b = per_sample, per_sample(self.b)
-        neck_top = np.zeros((self.n, 2, 3))  # the clothes' and neck's highest points, view space
-        neck_top[..., 0], neck_top[..., 1] = [-2.1, 2.1], 0.35 * self.b[:, None]
-        box = slice(self._boxes(neck_top[:, None], 0.0, tapered=False)[0][0].start, self.size), slice(None)
+        f, b, box = per_sample, per_sample(self.b), self.boxes["body"]
         x, y, g = _band(self.x, box) + f(0.12 * np.sin(self.yaw)), _band(self.y, box), self.gain
         out = _band(canvas, box)
         clothes = ellipse(x, y - (b + 1.05), 2.1, 0.95, g)
@@ -295,14 +339,8 @@ class _Scene:
 
     def hair_shell(self, canvas) -> np.ndarray:
         """Hair volume behind the head (nothing for bald identities); returns its coverage."""
-        st = self.hair_style
-        a_eff = np.sqrt(np.cos(self.yaw) ** 2 + (self.c * np.sin(self.yaw)) ** 2)
-        vol = 1.0 + self.ic["hair_volume"] * SHELL_VOLUME[st]
-        rx, ry, cut = a_eff * vol, self.b * vol, np.minimum(SHELL_CUT[st], 2.5) * self.b
-        shift = 0.2 * self.c * np.sin(self.yaw)
-        bottom = np.zeros((self.n, 1, 2, 3))  # the ends of the cut line: nothing lies below them
-        bottom[..., 0], bottom[..., 1] = np.stack([-rx - shift, rx - shift], -1)[:, None], cut[:, None, None]
-        box = slice(0, self._boxes(bottom, 0.0, tapered=False)[0][0].stop), slice(None)
+        st, box = self.hair_style, self.boxes["shell"]
+        rx, ry, cut, shift = self._shell_geometry()
         f, x, y = per_sample, _band(self.x, box), _band(self.y, box)
         hx = (x + f(shift)) / f(rx)
         hy = (y + f(0.08 * self.b)) / f(ry)
@@ -314,18 +352,26 @@ class _Scene:
         lam = np.clip(hx * lo[:, 0] + hy * lo[:, 1] + np.sqrt(np.clip(1.0 - q, 0.0, 1.0)) * lo[:, 2], 0, 1)
         paint(_band(canvas, box), cover, self._lit(_band(self.hair_map, box) * 0.85, lam))
         shell = np.zeros_like(self.x)
-        shell[:, box[0]] = cover
+        _band(shell, box)[...] = cover
         return shell
 
+    def _shell_geometry(self) -> tuple[np.ndarray, ...]:
+        """The hair shell's radii ``rx, ry``, its cut line (view y) and its sideways shift, per sample."""
+        st = self.hair_style
+        a_eff = np.sqrt(np.cos(self.yaw) ** 2 + (self.c * np.sin(self.yaw)) ** 2)
+        vol = 1.0 + self.ic["hair_volume"] * SHELL_VOLUME[st]
+        cut = np.minimum(SHELL_CUT[st], 2.5) * self.b
+        return a_eff * vol, self.b * vol, cut, 0.2 * self.c * np.sin(self.yaw)
+
     def head(self, canvas) -> _Head:
-        """The head with its painted features, inside ``head_box``; returns its image-sized maps."""
+        """The head with its painted features, inside ``head_box`` (a band); returns its image-sized maps."""
         ic, f, box, shape = self.ic, per_sample, self.head_box, self.x.shape
         radii = np.stack([np.ones(self.n), self.b, self.c], -1)
         inside, edge, z, (u, v, w) = ray_ellipsoid(_band(self.xh, box), _band(self.y, box), self.rot, radii)
         cover = coverage(edge, self.gain)
         z -= (inside <= 0) * np.float32(1e4)  # off the head: far behind everything
         head = _Head.scatter(box, shape, cover, z, u, v, w, u + (w <= -0.05) * np.float32(9.0))
-        # Image-sized so that features index them in image coordinates; only the head box is ever touched.
+        # Image-sized so that features index them in image coordinates; only the head band is ever touched.
         albedo, lum = np.empty((self.n, 3, *shape[1:]), np.float32), np.empty(shape, np.float32)
         _band(albedo, box)[...] = self.skin
         if self.style.falloff:  # darker towards the silhouette, where the surface turns away
@@ -482,14 +528,8 @@ class _Scene:
         return coverage(line - h.v, self.gain * self.style.hair_edge) * f(SCALP_OPACITY[self.hair_style])
 
     def nose(self, canvas, h: _Head) -> None:
-        ic, f = self.ic, per_sample
-        nose_v = ic["nose_v"] * self.b
-        radii = np.stack([ic["nose_w"], ic["nose_len"], ic["nose_depth"]], -1)
-        ct, st = np.cos(NOSE_TILT), np.sin(NOSE_TILT)
-        rot = self.rot @ np.float32([[1, 0, 0], [0, ct, -st], [0, st, ct]])
-        depth = self.c * np.sqrt(1.0 - ic["nose_v"] ** 2) - 0.3 * ic["nose_depth"]
-        centre = np.einsum("nij,nj->ni", self.rot, np.stack([np.zeros(self.n), nose_v, depth], -1))
-        box = self._boxes(centre[:, None, None], radii.max(-1)[:, None])[0]
+        ic, f, box = self.ic, per_sample, self.boxes["nose"]
+        rot, radii, centre = self._nose_geometry()
         dx, dy = _band(self.xh, box) - f(centre[:, 0]), _band(self.y, box) - f(centre[:, 1])
         _, edge, dz, (nu, nv, nw) = ray_ellipsoid(dx, dy, rot, radii, exact_edge=True)
         cover = coverage(edge, self.gain * self.style.hair_edge)
@@ -502,24 +542,38 @@ class _Scene:
         )
         paint(_band(canvas, box), cover, self._lit(self.skin, lam * (1.0 - 0.8 * nostril)))
 
+    def _nose_geometry(self) -> tuple[np.ndarray, ...]:
+        """The nose ellipsoid: rotation (N, 3, 3), radii (N, 3) and view-space centre (N, 3)."""
+        ic = self.ic
+        radii = np.stack([ic["nose_w"], ic["nose_len"], ic["nose_depth"]], -1)
+        ct, st = np.cos(NOSE_TILT), np.sin(NOSE_TILT)
+        rot = matmul(self.rot, np.float32([[1, 0, 0], [0, ct, -st], [0, st, ct]]))
+        depth = self.c * np.sqrt(1.0 - ic["nose_v"] ** 2) - 0.3 * ic["nose_depth"]
+        centre = np.stack([np.zeros(self.n), ic["nose_v"] * self.b, depth], -1)
+        return rot, radii, np.einsum("nij,nj->ni", self.rot, centre)
+
     def ears(self, canvas, h: _Head, shell) -> None:
         ic, f = self.ic, per_sample
         size_ = ic["ear_size"]
         openness = np.abs(self.rot[:, 2, 0])
         rx, ry = f(size_ * (0.3 + 0.4 * openness)), f(size_)
-        anchors = np.zeros((self.n, 2, 3))
-        anchors[..., 0], anchors[..., 1], anchors[..., 2] = (
-            [-0.97, 0.97],
-            (ic["ear_v"] * self.b)[:, None],
-            (-0.12 * self.c)[:, None],
-        )
-        centres = np.einsum("nij,nfj->nfi", self.rot, anchors)
-        for centre, box in zip(centres.transpose(1, 0, 2), self._boxes(centres[:, :, None], size_[:, None])):
+        boxes = self.boxes["ear0"], self.boxes["ear1"]
+        for centre, box in zip(self._ear_centres().transpose(1, 0, 2), boxes):
             dx, dy = _band(self.xh, box) - f(centre[:, 0]), _band(self.y, box) - f(centre[:, 1])
             cover = ellipse(dx, dy, rx, ry, self.gain) * (f(centre[:, 2]) > _band(h.z, box))
             cover *= 1.0 - _band(shell, box) * f(EAR_COVER[self.hair_style])
             inner = ellipse(dx, dy, rx, ry, self.gain, shrink=0.55)
             paint(_band(canvas, box), cover, self._lit(self.skin * 0.95, 0.55 * (1.0 - 0.6 * inner)))
+
+    def _ear_centres(self) -> np.ndarray:
+        """View-space centres (N, 2, 3) of the left and right ear."""
+        anchors = np.zeros((self.n, 2, 3))
+        anchors[..., 0], anchors[..., 1], anchors[..., 2] = (
+            [-0.97, 0.97],
+            (self.ic["ear_v"] * self.b)[:, None],
+            (-0.12 * self.c)[:, None],
+        )
+        return np.einsum("nij,nfj->nfi", self.rot, anchors)
 
     def glasses(self, canvas, h: _Head) -> None:
         ic, sc, f, g = self.ic, self.sc, per_sample, self.gain

@@ -40,8 +40,13 @@ def ellipse_q(du: np.ndarray, dv: np.ndarray, ru, rv) -> np.ndarray:
 
 
 def edge_distance(value: np.ndarray, grad_x: np.ndarray, grad_y: np.ndarray) -> np.ndarray:
-    """First-order signed distance ``value / |grad|`` to the zero set of an implicit function (in place)."""
-    norm = np.sqrt(grad_x * grad_x + grad_y * grad_y)
+    """First-order signed distance ``value / |grad|`` to the zero set of an implicit function.
+
+    Works in place: returns ``value`` and overwrites the gradient arrays.
+    """
+    grad_x *= grad_x
+    grad_y *= grad_y
+    norm = np.sqrt(np.add(grad_x, grad_y, out=grad_x), out=grad_x)
     np.clip(norm, 1e-6, np.inf, out=norm)  # two-sided clip: numpy's fast path, unlike maximum with a scalar
     value /= norm
     return value
@@ -55,12 +60,15 @@ def ellipse(du: np.ndarray, dv: np.ndarray, ru, rv, gain, shrink: float = 1.0) -
     distance to the bounding box (never more than the true distance) takes over.
     """
     a, b = du / ru, dv / rv
-    value = shrink * shrink - (a * a + b * b)
-    a /= ru
-    b /= rv
-    inside = edge_distance(value, a + a, b + b)
-    beyond_box = np.maximum(np.abs(du) - shrink * ru, np.abs(dv) - shrink * rv)
-    return coverage(np.minimum(inside, np.negative(beyond_box, out=beyond_box), out=inside), gain)
+    value = a * a
+    value += b * b
+    np.subtract(shrink * shrink, value, out=value)
+    a *= 2.0 / ru  # the gradient of the implicit function
+    b *= 2.0 / rv
+    inside = edge_distance(value, a, b)
+    to_box = np.subtract(shrink * ru, np.abs(du, out=a), out=a)
+    np.minimum(to_box, np.subtract(shrink * rv, np.abs(dv, out=b), out=b), out=to_box)
+    return coverage(np.minimum(inside, to_box, out=inside), gain)
 
 
 def paint(canvas: np.ndarray, alpha: np.ndarray, colour: np.ndarray) -> None:
@@ -75,6 +83,11 @@ def darken(lum: np.ndarray, alpha: np.ndarray, strength) -> None:
     lum *= 1.0 - alpha * strength
 
 
+def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Batched (broadcast) 3x3 matrix product without BLAS, whose worker threads burn CPU on these tiny sizes."""
+    return np.einsum("...ij,...jk->...ik", a, b)
+
+
 def rotation(yaw: np.ndarray, pitch: np.ndarray) -> np.ndarray:
     """(N, 3, 3) object-to-view rotations ``Rx(pitch) @ Ry(yaw)`` (radians; x right, y down, z to viewer)."""
     cy, sy, cp, sp = np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch)
@@ -85,7 +98,7 @@ def rotation(yaw: np.ndarray, pitch: np.ndarray) -> np.ndarray:
     rx = np.stack(
         [np.stack([one, zero, zero], -1), np.stack([zero, cp, -sp], -1), np.stack([zero, sp, cp], -1)], -2
     )
-    return rx @ ry
+    return matmul(rx, ry)
 
 
 def ray_ellipsoid(
@@ -99,21 +112,23 @@ def ray_ellipsoid(
     and the object coordinates ``(u, v, w)``. Without ``exact_edge`` the distance is the first-order
     ``inside * r_min / 2``, good for ellipsoids whose silhouette is not much longer than wide.
     """
-    m = rot @ (rot.transpose(0, 2, 1) / (radii[:, :, None] ** 2))  # R diag(1/r^2) R^T
+    m = matmul(rot, rot.transpose(0, 2, 1) / (radii[:, :, None] ** 2))  # R diag(1/r^2) R^T
     m = per_sample(m.reshape(-1, 9))
     mxx, mxy, mxz, myy, myz, mzz = (m[:, i] for i in (0, 1, 2, 4, 5, 8))
-    b = mxz * dx + myz * dy
-    px, py = mxx * dx + mxy * dy, mxy * dx + myy * dy  # half the gradient of the quadratic form in x, y
-    inside = b * b / mzz - (dx * px + dy * py - 1.0)
+    zx, zy = mxz / mzz, myz / mzz  # the depth of the surface's midpoint falls by these per unit of x, y
+    sxx, sxy, syy = mxx - mxz * zx, mxy - mxz * zy, myy - myz * zy  # the silhouette's quadratic form
+    gx, gy = sxx * dx + sxy * dy, sxy * dx + syy * dy  # half its gradient
+    inside = dx * gx
+    inside += dy * gy
+    np.subtract(1.0, inside, out=inside)
     if exact_edge:
-        edge = edge_distance(inside.copy(), b * (mxz / mzz) - px, b * (myz / mzz) - py)
-        edge *= 0.5  # the gradients above are halved
+        edge = edge_distance(inside * 0.5, gx, gy)
         # Far from the silhouette the gradient estimate falls short; the bounding circle never overestimates.
         np.minimum(edge, per_sample(radii.max(-1)) - np.sqrt(dx * dx + dy * dy), out=edge)
     else:
         edge = inside * per_sample(0.5 * radii.min(-1))
     root = np.sqrt(np.clip(inside, 0.0, 1.0))
-    dz = root / np.sqrt(mzz) - b / mzz
+    dz = root * (1.0 / np.sqrt(mzz)) - zx * dx - zy * dy
     r = per_sample(rot.reshape(-1, 9))
     u = r[:, 0] * dx + r[:, 3] * dy + r[:, 6] * dz
     v = r[:, 1] * dx + r[:, 4] * dy + r[:, 7] * dz

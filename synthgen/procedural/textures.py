@@ -37,8 +37,7 @@ def noise_banks(size: int) -> dict[str, np.ndarray]:
 def crop(bank: np.ndarray, offsets: np.ndarray, size: int) -> np.ndarray:
     """``size``-square crops of ``bank`` at per-sample offsets given as uniforms in [0, 1), shape (N, 2).
 
-    Returns (N, size, size) for a single-channel bank, (N, size, size, C) for a (2S, 2S, C) bank.
+    Returns (N, size, size) for a single-channel bank, planar (N, C, size, size) for a (2S, 2S, C) bank.
     """
     starts = np.minimum((offsets * size).astype(np.int64), size)
-    windows = sliding_window_view(bank, (size, size), axis=(0, 1))[starts[:, 0], starts[:, 1]]
-    return np.moveaxis(windows, 1, -1) if bank.ndim == 3 else windows
+    return sliding_window_view(bank, (size, size), axis=(0, 1))[starts[:, 0], starts[:, 1]]
