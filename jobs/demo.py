@@ -118,6 +118,10 @@ def _stage_plan(
                     f"output={at('uiface-' + mode)}",
                     f"sampler.mode={mode}",
                     f"identities.training={uiface_model}/identities.npy",
+                    # new identities from a Gaussian fitted to the training ones: the tiny 128-d judge packs
+                    # its identities so closely (median nearest-neighbour cosine 0.85) that 0.3 is unreachable
+                    "identities.method=gaussian",
+                    "identities.max_cosine=0.7",
                 ],
             )
         )

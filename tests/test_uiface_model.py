@@ -151,7 +151,11 @@ def test_training_loss_is_seeded_finite_and_falls():
         model.training_loss(torch.zeros(4, 3, 16, 16), embeddings, None)
 
 
-def test_training_loss_matches_eps_mse_formula(tiny):
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_training_loss_matches_published_target(prediction_type):
+    """MSE against eps, v = sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022) or x0, written out."""
+    torch.manual_seed(0)
+    tiny = build_uiface(preset("tiny", prediction_type=prediction_type))
     images, embeddings = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 512)
     loss = tiny.training_loss(images, embeddings, torch.Generator().manual_seed(3))
     g = torch.Generator().manual_seed(3)  # replay the draws in training_loss order
@@ -165,8 +169,13 @@ def test_training_loss_matches_eps_mse_formula(tiny):
     noisy = alpha_bar.sqrt() * images + (1 - alpha_bar).sqrt() * noise
     contexts = tiny.context.contexts(embeddings) * keep / 0.75
     contexts = torch.where(uncond[:, None], tiny.context.empty_contexts(2), contexts)
-    eps = tiny.unet(noisy, t, encoder_hidden_states=tiny.context.tokens(contexts)).sample
-    torch.testing.assert_close(loss, ((eps - noise) ** 2).mean(), rtol=1e-5, atol=1e-6)
+    out = tiny.unet(noisy, t, encoder_hidden_states=tiny.context.tokens(contexts)).sample
+    target = {
+        "epsilon": noise,
+        "v_prediction": alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * images,
+        "sample": images,
+    }[prediction_type]
+    torch.testing.assert_close(loss, ((out - target) ** 2).mean(), rtol=1e-5, atol=1e-6)
 
 
 def test_vq_latent_space_encodes_and_trains():

@@ -24,10 +24,17 @@ STEPS = 5  # DDIM timesteps 800, 600, 400, 200, 0
 SEEDS = [11, 12, 13]
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=["epsilon", "v_prediction"])
+def model(request):
     torch.manual_seed(0)
-    return build_uiface(preset("tiny")).eval()
+    return build_uiface(preset("tiny", prediction_type=request.param)).eval()
+
+
+@pytest.fixture(scope="module")
+def eps_model():
+    """The epsilon model alone, for properties that do not depend on the prediction type."""
+    torch.manual_seed(0)
+    return build_uiface(preset("tiny", prediction_type="epsilon")).eval()
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +59,7 @@ def plain_ddim(model, embeddings, seeds, guidance=None, empty_steps=None):
     scheduler = DDIMScheduler(
         num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=False,
         set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading",
+        prediction_type=model.config.prediction_type,
     )  # fmt: skip
     scheduler.set_timesteps(STEPS)
     x = seeded_noise(model, seeds)
@@ -59,13 +67,13 @@ def plain_ddim(model, embeddings, seeds, guidance=None, empty_steps=None):
     empty = model.context.empty_contexts(len(seeds))
     for i, t in enumerate(scheduler.timesteps):
         if empty_steps is not None:
-            eps = model.predict_noise(x, t, empty if i < empty_steps else identity)
+            pred = model.predict(x, t, empty if i < empty_steps else identity)
         elif guidance is None:
-            eps = model.predict_noise(x, t, empty)
+            pred = model.predict(x, t, empty)
         else:
-            cond, uncond = model.predict_noise(x, t, identity), model.predict_noise(x, t, empty)
-            eps = (1 + guidance) * cond - guidance * uncond
-        x = scheduler.step(eps, t, x).prev_sample
+            cond, uncond = model.predict(x, t, identity), model.predict(x, t, empty)
+            pred = (1 + guidance) * cond - guidance * uncond
+        x = scheduler.step(pred, t, x).prev_sample
     return x
 
 
@@ -222,8 +230,8 @@ def test_paired_call_with_equal_halves_matches_plain_unet(model, embeddings):
     contexts = model.context.contexts(embeddings)
     control = AttentionControl(paired=True, self_injection=True, cross_strength=1.0)
     with torch.no_grad():
-        paired = model.predict_noise(torch.cat([x, x]), 500, torch.cat([contexts, contexts]), control)
-        plain = model.predict_noise(x, 500, contexts)
+        paired = model.predict(torch.cat([x, x]), 500, torch.cat([contexts, contexts]), control)
+        plain = model.predict(x, 500, contexts)
     torch.testing.assert_close(paired[3:], plain, rtol=1e-4, atol=1e-4)
 
 
@@ -234,8 +242,9 @@ def test_injection_changes_output(model, embeddings):
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "dpmsolver++", "pndm"])
-def test_sample_is_independent_of_batch_neighbours(model, embeddings, scheduler):
+def test_sample_is_independent_of_batch_neighbours(eps_model, embeddings, scheduler):
     # adaptive with injection; this threshold lets the tiny model's samples switch at different stage-1 steps
+    model = eps_model
     cfg = SamplerConfig(steps=8, scheduler=scheduler, threshold=0.045, step_th=100)
     batch, t0 = sample_latents(model, cfg, embeddings, SEEDS)
     alone, t0_alone = sample_latents(model, cfg, embeddings[1:2], SEEDS[1:2])

@@ -177,6 +177,10 @@ def test_rerun_resumes_from_the_checkpoint(ray_local, faces, tmp_path):
     assert (again.start_step, again.steps) == (4, 6)
     assert [r["step"] for r in again.loss_log] == [2, 4, 6]
     assert again.loss_log[:2] == first.loss_log
+    changed = job(faces, str(tmp_path / "run"), train={"steps": 8})
+    changed.model.overrides["prediction_type"] = "sample"
+    with pytest.raises(ValueError, match="prediction_type: 'v_prediction' -> 'sample'"):
+        train(changed)  # its checkpoints hold a v model: resuming would train it toward another target
     # training identities for new-identity rejection: each identity's mean (here: its only) embedding
     unit = IDENTITY_VECTORS / np.linalg.norm(IDENTITY_VECTORS, axis=1, keepdims=True)
     np.testing.assert_allclose(load_npy(f"{again.model_uri}/identities.npy"), unit, rtol=1e-5, atol=1e-6)

@@ -3,7 +3,8 @@
 ``UNet2DConditionModel`` cross-attends to K identity tokens (:mod:`synthgen.uiface.context`); an optional
 ``VQModel`` / ``AutoencoderKL`` maps 128^2 faces to a 3x32x32 latent (``space="pixel"`` trains on images
 directly, for tiny CPU configs). The noise schedule is a diffusers ``DDPMScheduler`` (T=1000, linear beta
-1e-4..0.02); the samplers derive their schedulers from its config.
+1e-4..0.02) whose ``prediction_type`` says what the UNet predicts (epsilon in the reference; the tiny CPU
+preset predicts v); the samplers derive their schedulers from its config.
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ class UIFaceModelConfig(StrictModel):
     uncond_prob: float = Field(
         0.2, ge=0, le=1, description="training p of replacing a context by the empty one"
     )
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = Field(
+        "epsilon",
+        description="what the UNet predicts: noise (the reference), velocity v, or the clean sample x0",
+    )
     train_timesteps: int = Field(1000, ge=2)
     beta_start: float = Field(1e-4, gt=0, lt=1)
     beta_end: float = Field(0.02, gt=0, lt=1)
@@ -101,8 +106,10 @@ class UIFaceModelConfig(StrictModel):
 PRESETS: dict[str, dict] = {
     # TFace generation/uiface: 128^2 CASIA, VQ-f4 latent 3x32x32, labml UNet 96 x [1,2,2,2] (cumulative).
     "uiface-casia": {},
-    # CPU-sized: pixel space 32^2, two levels, a few hundred k parameters.
+    # CPU-sized: pixel space 32^2, two levels, ~1M parameters. v-prediction: after 600 CPU steps an
+    # epsilon model's DDIM samples are still noise while a v model's are faces (BENCHMARKS.md, UIFace).
     "tiny": {
+        "prediction_type": "v_prediction",
         "image_size": 32,
         "space": "pixel",
         "block_channels": [32, 64],
@@ -177,13 +184,13 @@ def build_autoencoder(config: UIFaceModelConfig) -> VQModel | AutoencoderKL | No
 
 
 def noise_schedule(config: UIFaceModelConfig) -> DDPMScheduler:
-    """The training DDPM schedule (linear betas, epsilon prediction, no clipping)."""
+    """The training DDPM schedule (linear betas, the model's prediction type, no clipping)."""
     return DDPMScheduler(
         num_train_timesteps=config.train_timesteps,
         beta_start=config.beta_start,
         beta_end=config.beta_end,
         beta_schedule="linear",
-        prediction_type="epsilon",
+        prediction_type=config.prediction_type,
         clip_sample=False,
     )
 
@@ -211,14 +218,15 @@ class UIFaceModel(nn.Module):
         """``(C, H, W)`` of the diffusion input."""
         return (self.config.latent_channels, self.config.latent_size, self.config.latent_size)
 
-    def predict_noise(
+    def predict(
         self,
         latents: torch.Tensor,
         timesteps: torch.Tensor | int,
         contexts: torch.Tensor,
         control: AttentionControl | None = None,
     ) -> torch.Tensor:
-        """Epsilon prediction for ``(B, context_dim)`` contexts; ``control`` drives the attention processors."""
+        """The UNet's prediction (epsilon, v or x0, per ``config.prediction_type``) for ``(B, context_dim)``
+        contexts; ``control`` drives the attention processors."""
         return self.unet(
             latents,
             timesteps,
@@ -245,7 +253,7 @@ class UIFaceModel(nn.Module):
     def training_loss(
         self, images_or_latents: torch.Tensor, id_embeddings: torch.Tensor, generator: torch.Generator | None
     ) -> torch.Tensor:
-        """MSE epsilon-prediction loss with CPD context dropout and the empty-context rule.
+        """MSE loss on the configured prediction target with CPD context dropout and the empty-context rule.
 
         ``images_or_latents``: images in [-1, 1] of shape ``(B, 3, image_size, image_size)`` (encoded without
         gradients) or latents of shape ``(B, *latent_shape)``. All randomness (timesteps, noise, dropout, the
@@ -266,8 +274,16 @@ class UIFaceModel(nn.Module):
         )
         uncond = unconditional_mask(batch, self.config.uncond_prob, generator, device)
         contexts = torch.where(uncond[:, None], self.context.empty_contexts(batch), contexts)
-        eps = self.predict_noise(noisy, t, contexts)
-        return F.mse_loss(eps.float(), noise.float())
+        prediction = self.predict(noisy, t, contexts)
+        return F.mse_loss(prediction.float(), self._target(latents, noise, t).float())
+
+    def _target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        kind = self.config.prediction_type
+        if kind == "epsilon":
+            return noise
+        if kind == "sample":
+            return latents
+        return self.noise_schedule.get_velocity(latents, noise, t)
 
     def _as_latents(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         image_shape = (3, self.config.image_size, self.config.image_size)

@@ -4,7 +4,8 @@ Follows TFace ``diffusion/ddpm.py: sample_ddim_2stage`` on diffusers schedulers 
 derived from the model's DDPM schedule. Per step, both passes (empty-context source, target) run as one
 batched UNet call ``[source; target]`` and the attention processors inject inside it.
 
-- ``single``: every step ``eps = (1+s) eps_cond - s eps_uncond`` (UIFace's ``cfg_scale`` s).
+- ``single``: every step ``pred = (1+s) pred_cond - s pred_uncond`` (UIFace's ``cfg_scale`` s, on the UNet's
+  prediction: epsilon in the reference, or v / x0, which CFG combines the same way).
 - ``fixed``: empty context while ``t > t0``; from the first timestep ``t <= t0`` on, identity context with CFG.
 - ``adaptive``: stage 1 (``t >= step_th``) runs the target pass with the identity context only for samples
   already switched (no CFG; the reference's pass B), reduces its cross-attention to one map per sample and
@@ -35,7 +36,7 @@ class SamplerConfig(StrictModel):
     """How UIFace samples: mode, guidance, stage boundaries, injection and the diffusers scheduler."""
 
     mode: Literal["single", "fixed", "adaptive"] = "adaptive"
-    guidance: float = Field(1.0, ge=0, description="cfg_scale s: eps = (1+s) eps_cond - s eps_uncond")
+    guidance: float = Field(1.0, ge=0, description="cfg_scale s: pred = (1+s) pred_cond - s pred_uncond")
     t0: int = Field(500, ge=-1, description="fixed mode: identity context for timesteps t <= t0")
     threshold: float = Field(
         0.006, ge=0, description="adaptive: switch when mean |map_t - map_prev| < threshold"
@@ -111,7 +112,7 @@ def _guided_step(config: SamplerConfig, t: int) -> bool:
     return t < config.step_th
 
 
-def _eps_pair(
+def _prediction_pair(
     model: UIFaceModel,
     x: torch.Tensor,
     t: int,
@@ -119,12 +120,11 @@ def _eps_pair(
     target: torch.Tensor,
     control: AttentionControl | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Source and target epsilon from one batched UNet call on ``[x; x]``."""
-    eps = model.predict_noise(torch.cat([x, x]), t, torch.cat([source, target]), control)
-    return eps.chunk(2)
+    """Source and target predictions from one batched UNet call on ``[x; x]``."""
+    return model.predict(torch.cat([x, x]), t, torch.cat([source, target]), control).chunk(2)
 
 
-def _guided_eps(
+def _guided_prediction(
     model: UIFaceModel,
     x: torch.Tensor,
     t: int,
@@ -135,14 +135,14 @@ def _guided_eps(
     if config.injection:
         control = AttentionControl(paired=True, self_injection=True, cross_strength=config.cross_strength)
     elif config.guidance == 0:
-        return model.predict_noise(x, t, identity)
+        return model.predict(x, t, identity)
     else:
         control = None
-    eps_uncond, eps_cond = _eps_pair(model, x, t, empty, identity, control)
-    return (1 + config.guidance) * eps_cond - config.guidance * eps_uncond
+    uncond, cond = _prediction_pair(model, x, t, empty, identity, control)
+    return (1 + config.guidance) * cond - config.guidance * uncond
 
 
-def _stage_one_eps(
+def _stage_one_prediction(
     model: UIFaceModel, x: torch.Tensor, t: int, contexts: torch.Tensor, empty: torch.Tensor, injection: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference pass B (with self-attention injection from pass A when enabled) and its attention map."""
@@ -150,10 +150,10 @@ def _stage_one_eps(
         paired=injection, self_injection=injection, capture_size=model.config.latent_size
     )
     if injection:
-        eps = _eps_pair(model, x, t, empty, contexts, control)[1]
+        pred = _prediction_pair(model, x, t, empty, contexts, control)[1]
     else:
-        eps = model.predict_noise(x, t, contexts, control)
-    return eps, combine_attention_maps(control.maps)
+        pred = model.predict(x, t, contexts, control)
+    return pred, combine_attention_maps(control.maps)
 
 
 @torch.no_grad()
@@ -180,14 +180,14 @@ def sample_latents(
     for t in scheduler.timesteps.tolist():
         x_in = scheduler.scale_model_input(x, t)
         if _guided_step(config, t):
-            eps = _guided_eps(model, x_in, t, identity, empty, config)
+            pred = _guided_prediction(model, x_in, t, identity, empty, config)
             conditioned = torch.ones_like(switched)
         elif config.mode == "fixed":
-            eps = model.predict_noise(x_in, t, empty)
+            pred = model.predict(x_in, t, empty)
             conditioned = switched
         else:
             contexts = torch.where(switched[:, None], identity, empty)
-            eps, attention_map = _stage_one_eps(model, x_in, t, contexts, empty, config.injection)
+            pred, attention_map = _stage_one_prediction(model, x_in, t, contexts, empty, config.injection)
             conditioned = switched
             switched = adaptive_switch(previous_map, attention_map, switched, config.threshold)
             previous_map = attention_map
@@ -196,7 +196,7 @@ def sample_latents(
         step_kwargs = {"eta": config.eta} if config.scheduler == "ddim" else {}
         if config.eta > 0:  # DDIM noise continues each sample's own stream (a host-to-device copy per step)
             step_kwargs["variance_noise"] = per_sample_noise(generators, model.latent_shape, device, dtype)
-        x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
+        x = scheduler.step(pred, t, x, **step_kwargs).prev_sample
     return x, t0
 
 

@@ -8,7 +8,8 @@ column. Each worker reads its split of the stream, flips images with p=0.5 and m
 
 Rank 0 reports a checkpoint (weights, EMA, optimizer, scheduler, step, loss log) every ``checkpoint_every``
 steps to ``<output>/checkpoints/<run_name>``; rerunning with the same output and run name resumes from the
-latest one. At the end rank 0 saves the EMA weights as a model folder (:func:`save_uiface`):
+latest one (the run's first start pins its architecture in ``architecture.json`` there, and a rerun that
+changed it is refused). At the end rank 0 saves the EMA weights as a model folder (:func:`save_uiface`):
 ``unet/`` (diffusers ``save_pretrained``), ``context.pt``, ``autoencoder/`` (latent models) and
 ``uiface.json`` (written last, so a folder with it is complete), loaded back by :func:`load_uiface`; the driver
 adds ``identities.npy``, the training identities' mean embeddings, for ``identities.training`` in generation.
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 MODEL_JSON = "uiface.json"
 STATE_FILE = "state.pt"
 TRAIN_LOG = "train_log.json"
+ARCHITECTURE_FILE = "architecture.json"  # per run, beside its checkpoints
 IDENTITIES_FILE = "identities.npy"  # per training identity: mean judge embedding (for new-identity rejection)
 
 
@@ -318,6 +320,21 @@ def _report(
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
+def pin_architecture(uri: str, architecture: UIFaceModelConfig) -> None:
+    """Record a run's architecture at its first start; refuse a rerun (a resume) that changed it."""
+    current = architecture.model_dump(mode="json")
+    if not storage.exists(uri):
+        storage.write_bytes(uri, json.dumps(current, indent=1).encode())
+        return
+    saved = json.loads(storage.read_bytes(uri))
+    changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in current.items() if saved.get(k) != v]
+    if changed:
+        raise ValueError(
+            f"{uri}: the run was started with another architecture ({'; '.join(changed)}); "
+            "its checkpoints cannot resume it: use a new run_name or output"
+        )
+
+
 def check_inputs(data_uri: str, judge_uri: str | None, architecture: UIFaceModelConfig) -> None:
     """Fail before any work if the data or the judge cannot feed a model of ``architecture``."""
     import pyarrow.parquet as pq
@@ -359,6 +376,7 @@ def train_uiface(
 
     architecture = model.architecture()
     check_inputs(data_uri, judge_uri, architecture)
+    pin_architecture(storage.join(output_uri, "checkpoints", run_name, ARCHITECTURE_FILE), architecture)
     embedded = embedded_dataset(
         data_uri,
         judge_uri=judge_uri,
