@@ -96,9 +96,9 @@ def _band(arr: np.ndarray, box: Box) -> np.ndarray:
 
 
 def _inside(extents: np.ndarray, bounds: np.ndarray) -> np.ndarray:
-    """The part of each per-sample band (N, 2) inside the band ``bounds`` (N, 2) (possibly empty)."""
-    start = np.maximum(extents[:, 0], bounds[:, 0])
-    return np.stack([start, np.maximum(np.minimum(extents[:, 1], bounds[:, 1]), start)], -1)
+    """The part of each per-sample band (N, 2) inside the band ``bounds`` (N, 2) (possibly empty, still inside)."""
+    start = np.clip(extents[:, 0], bounds[:, 0], bounds[:, 1])
+    return np.stack([start, np.clip(extents[:, 1], start, bounds[:, 1])], -1)
 
 
 def _chunk_boxes(extents: Columns) -> dict[str, Box]:
@@ -117,26 +117,18 @@ def _rectangle(x0, x1, y0, y1) -> np.ndarray:
 
 
 class _Head:
-    """The head's ray hit as image-sized maps: coverage, depth and object coordinates.
-
-    Only the head's band is computed: outside it ``cover`` is 0 and ``z`` far behind everything; ``u, v, w``
-    and ``uf`` (``u`` on the front; pushed far away on the back) are meaningful inside the band alone.
+    """The head's ray hit over its band of image rows ``box``: coverage and object coordinates ``u, v, w``, with
+    ``uf`` (``u`` on the front; pushed far away on the back); and the image-sized depth ``z``, far behind
+    everything outside the head.
     """
 
-    def __init__(self, cover, z, u, v, w, uf):
-        self.cover, self.z, self.u, self.v, self.w, self.uf = cover, z, u, v, w, uf
-
-    @classmethod
-    def scatter(cls, box: Box, shape: tuple[int, ...], cover, z, u, v, w, uf) -> _Head:
-        """Image-sized maps holding the given band-sized maps at ``box``."""
-        maps = [np.zeros(shape, np.float32), np.full(shape, -1e3, np.float32)]
-        maps += [np.empty(shape, np.float32) for _ in range(4)]
-        for full, part in zip(maps, (cover, z, u, v, w, uf)):
-            _band(full, box)[...] = part
-        return cls(*maps)
+    def __init__(self, box: Box, z, cover, u, v, w, uf):
+        self.box, self.z, self.cover, self.u, self.v, self.w, self.uf = box, z, cover, u, v, w, uf
 
     def band(self, box: Box) -> _Head:
-        return _Head(*(_band(a, box) for a in (self.cover, self.z, self.u, self.v, self.w, self.uf)))
+        """The maps over the image rows ``box``, which lie inside the head's band."""
+        rows = slice(box.start - self.box.start, box.stop - self.box.start)
+        return _Head(box, self.z, *(a[..., rows, :] for a in (self.cover, self.u, self.v, self.w, self.uf)))
 
 
 class _Scene:
@@ -156,7 +148,10 @@ class _Scene:
         self.centre = np.stack([2.0 * sc["shift_x"], FACE_DROP + 2.0 * sc["shift_y"]], -1)
         self.cos_roll, self.sin_roll = np.cos(roll), np.sin(roll)
         self.gain = f(size * self.radius / (2.0 * style.edge_px))  # coverage gain per head unit
-        self.margin_px = BAND_MARGIN_PX + style.edge_px / min(style.hair_edge, 1.0)  # + the widest edge ramp
+        self.margin_px = BAND_MARGIN_PX + style.edge_px  # + the anti-aliasing ramp of shapes
+        self.hair_margin_px = BAND_MARGIN_PX + style.edge_px / min(
+            style.hair_edge, 1.0
+        )  # + hair's softer ramp
         self.age = np.clip(ic["age_base"] + sc["age"], 0.0, 1.0)
         self.offsets = sc["texture_offsets"]
 
@@ -202,10 +197,12 @@ class _Scene:
         """Per-sample row bands (N, 2) of the head, its surface features, nose, ears, hair shell and body."""
         half_x, half_y = ellipsoid_extent(self.rot, np.stack([np.ones(self.n), self.b, self.c], -1)).T
         head = self._extents(_rectangle(-half_x, half_x, -half_y, half_y), 0.0)[:, 0]
-        patches = self._surface_extents(self._feature_patches())
+        patches = self._feature_patches()
+        beard = {"beard": patches.pop("beard")}
+        patches = {**self._surface_extents(patches), **self._surface_extents(beard, self.hair_margin_px)}
         out = {"head": head, **{name: _inside(e, head) for name, e in patches.items()}}
         _, radii, centre = self._nose_geometry()
-        out["nose"] = self._extents(centre[:, None, None], radii.max(-1)[:, None])[:, 0]
+        out["nose"] = self._extents(centre[:, None, None], radii.max(-1)[:, None], self.hair_margin_px)[:, 0]
         ears = self._extents(self._ear_centres()[:, :, None], self.ic["ear_size"][:, None])
         out["ear0"], out["ear1"] = ears[:, 0], ears[:, 1]
         rx, ry, cut, shift = self._shell_geometry()
@@ -220,11 +217,12 @@ class _Scene:
         out["body"] = body
         return out
 
-    def _extents(self, points: np.ndarray, reach, tapered: bool = True) -> np.ndarray:
+    def _extents(self, points: np.ndarray, reach, margin_px=None, tapered: bool = True) -> np.ndarray:
         """Per-sample row bands (N, F, 2) holding the pixels within ``reach[:, f]`` head units of ``points[:, f]``.
 
-        ``points``: view space, (N, F, K, 3); ``reach``: (N, F) or a scalar. ``tapered`` points are in the
-        jaw-tapered space of the head, which pulls pixels towards the centre line by down to ``1 - jaw_taper``.
+        ``points``: view space, (N, F, K, 3); ``reach``: (N, F) or a scalar; ``margin_px``: pixels added (default:
+        those of shapes). ``tapered`` points are in the jaw-tapered space of the head, which pulls pixels towards
+        the centre line by down to ``1 - jaw_taper``.
         """
         x, y = points[..., 0], points[..., 1]
         if tapered:
@@ -234,11 +232,11 @@ class _Scene:
         half = self.size / 2
         scale = self.radius[:, None, None] * half
         rows = (x * sr + y * cr) * scale + (self.centre[:, 1, None, None] + 1.0) * half - 0.5
-        pad = np.broadcast_to(reach, x.shape[:2])[..., None] * scale + self.margin_px
+        pad = np.broadcast_to(reach, x.shape[:2])[..., None] * scale + (margin_px or self.margin_px)
         ends = [np.floor((rows - pad).min(2)), np.ceil((rows + pad).max(2)) + 1]
         return np.clip(np.stack(ends, -1), 0, self.size).astype(np.int64)
 
-    def _surface_extents(self, patches: dict[str, tuple]) -> Columns:
+    def _surface_extents(self, patches: dict[str, tuple], margin_px=None) -> Columns:
         """Row bands of head-surface patches ``name: (u_half, v_top, v_bottom)`` (per-sample or scalar)."""
         zero = np.zeros(self.n)
         spec = np.stack([np.stack(np.broadcast_arrays(*p, zero)[:3], -1) for p in patches.values()], 1)
@@ -246,7 +244,7 @@ class _Scene:
         v = spec[..., 1:2] + (spec[..., 2:3] - spec[..., 1:2]) * _PATCH_V
         w = self.c[:, None, None] * np.sqrt(np.maximum(1.0 - u * u - (v / self.b[:, None, None]) ** 2, 0.0))
         points = np.einsum("nij,nfkj->nfki", self.rot, np.stack([u, v, w], -1))
-        return dict(zip(patches, self._extents(points, 0.0).transpose(1, 0, 2)))
+        return dict(zip(patches, self._extents(points, 0.0, margin_px).transpose(1, 0, 2)))
 
     def _feature_patches(self) -> dict[str, tuple]:
         """The head-surface patch ``(u_half, v_top, v_bottom)`` holding each painted feature, in every sample."""
@@ -364,18 +362,19 @@ class _Scene:
         return a_eff * vol, self.b * vol, cut, 0.2 * self.c * np.sin(self.yaw)
 
     def head(self, canvas) -> _Head:
-        """The head with its painted features, inside ``head_box`` (a band); returns its image-sized maps."""
+        """The head with its painted features, inside ``head_box`` (a band); returns its maps."""
         ic, f, box, shape = self.ic, per_sample, self.head_box, self.x.shape
         radii = np.stack([np.ones(self.n), self.b, self.c], -1)
-        inside, edge, z, (u, v, w) = ray_ellipsoid(_band(self.xh, box), _band(self.y, box), self.rot, radii)
-        cover = coverage(edge, self.gain)
-        z -= (inside <= 0) * np.float32(1e4)  # off the head: far behind everything
-        head = _Head.scatter(box, shape, cover, z, u, v, w, u + (w <= -0.05) * np.float32(9.0))
+        bulge, edge, z, (u, v, w) = ray_ellipsoid(_band(self.xh, box), _band(self.y, box), self.rot, radii)
+        z -= (bulge <= 0) * np.float32(1e4)  # off the head: far behind everything
+        depth = np.full(shape, -1e3, np.float32)
+        _band(depth, box)[...] = z
+        head = _Head(box, depth, coverage(edge, self.gain), u, v, w, u + (w <= -0.05) * np.float32(9.0))
         # Image-sized so that features index them in image coordinates; only the head band is ever touched.
         albedo, lum = np.empty((self.n, 3, *shape[1:]), np.float32), np.empty(shape, np.float32)
         _band(albedo, box)[...] = self.skin
         if self.style.falloff:  # darker towards the silhouette, where the surface turns away
-            _band(lum, box)[...] = 1.0 - self.style.falloff * (1.0 - np.sqrt(np.clip(inside, 0.0, 1.0)))
+            _band(lum, box)[...] = 1.0 - self.style.falloff * (1.0 - bulge)
         else:
             _band(lum, box)[...] = 1.0
         self._skin_texture(head, albedo, lum)
@@ -386,15 +385,16 @@ class _Scene:
         self._eyes_and_brows(head, albedo, lum)
         self._mouth(head, albedo)
         albedo, lum = _band(albedo, box), _band(lum, box)
-        scalp = self._scalp(head.band(box))
+        scalp = self._scalp(head)
         paint(albedo, scalp, _band(self.hair_map, box))
         b, c = f(self.b), f(self.c)
         lam, spec = self._shade(u, v / (b * b), w / (c * c), self.rot, with_specular=True)
         albedo *= lum[:, None]
         colour = self._lit(albedo, lam)
         if spec is not None:
-            colour += (spec * (1.0 - scalp) * self.style.specular)[:, None] * self.light_rgb
-        paint(_band(canvas, box), cover, colour)
+            spec *= 1.0 - scalp
+            colour += spec[:, None] * (self.style.specular * self.light_rgb)
+        paint(_band(canvas, box), head.cover, colour)
         return head
 
     def _skin_texture(self, h: _Head, albedo, lum) -> None:

@@ -107,9 +107,10 @@ def ray_ellipsoid(
     """Front surface of rotated ellipsoids under orthographic view along -z.
 
     ``dx, dy``: view offsets from each ellipsoid centre (N, H, W); ``rot``: (N, 3, 3) object-to-view;
-    ``radii``: (N, 3). Returns ``inside`` (1 at the centre of the silhouette, 0 on its edge), ``edge`` (signed
-    distance to the silhouette, positive inside), ``dz`` (depth of the front surface, towards the viewer)
-    and the object coordinates ``(u, v, w)``. Without ``exact_edge`` the distance is the first-order
+    ``radii``: (N, 3). Returns ``bulge`` (the front surface's height over the silhouette's plane as a fraction
+    of its highest: 1 at the centre of the silhouette, 0 on its edge and outside), ``edge`` (signed distance
+    to the silhouette, positive inside), ``dz`` (depth of the front surface, towards the viewer) and the
+    object coordinates ``(u, v, w)``. Without ``exact_edge`` the distance is the first-order
     ``inside * r_min / 2``, good for ellipsoids whose silhouette is not much longer than wide.
     """
     m = matmul(rot, rot.transpose(0, 2, 1) / (radii[:, :, None] ** 2))  # R diag(1/r^2) R^T
@@ -127,13 +128,13 @@ def ray_ellipsoid(
         np.minimum(edge, per_sample(radii.max(-1)) - np.sqrt(dx * dx + dy * dy), out=edge)
     else:
         edge = inside * per_sample(0.5 * radii.min(-1))
-    root = np.sqrt(np.clip(inside, 0.0, 1.0))
-    dz = root * (1.0 / np.sqrt(mzz)) - zx * dx - zy * dy
+    bulge = np.sqrt(np.clip(inside, 0.0, 1.0))
+    dz = bulge * (1.0 / np.sqrt(mzz)) - zx * dx - zy * dy
     r = per_sample(rot.reshape(-1, 9))
     u = r[:, 0] * dx + r[:, 3] * dy + r[:, 6] * dz
     v = r[:, 1] * dx + r[:, 4] * dy + r[:, 7] * dz
     w = r[:, 2] * dx + r[:, 5] * dy + r[:, 8] * dz
-    return inside, edge, dz, (u, v, w)
+    return bulge, edge, dz, (u, v, w)
 
 
 def ellipsoid_extent(rot: np.ndarray, radii: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ BANKS = ("pores", "smooth", "streaks", "spots")
 def noise_banks(size: int) -> dict[str, np.ndarray]:
     """Zero-mean, unit-std float32 noise fields of side ``2 * size`` (fixed seed, so identical everywhere).
 
-    ``white_rgb`` is per-channel white noise (2S, 2S, 3); the others are single-channel blurred noise.
+    ``white_rgb`` is per-channel white noise, planar (3, 2S, 2S); the others are single-channel blurred noise.
     """
     rng = np.random.default_rng(BANK_SEED)
     side = 2 * size
@@ -26,7 +26,8 @@ def noise_banks(size: int) -> dict[str, np.ndarray]:
         "streaks": (0.5, size / 8),
         "spots": (0.9, 0.9),
     }
-    banks = {"white_rgb": rng.standard_normal((side, side, 3)).astype(np.float32)}
+    white = rng.standard_normal((side, side, 3)).astype(np.float32)
+    banks = {"white_rgb": np.ascontiguousarray(white.transpose(2, 0, 1))}
     for name in BANKS:
         field = rng.standard_normal((side, side)).astype(np.float32)
         field = cv2.GaussianBlur(field, (0, 0), sigmaX=sigmas[name][0], sigmaY=sigmas[name][1])
@@ -37,7 +38,8 @@ def noise_banks(size: int) -> dict[str, np.ndarray]:
 def crop(bank: np.ndarray, offsets: np.ndarray, size: int) -> np.ndarray:
     """``size``-square crops of ``bank`` at per-sample offsets given as uniforms in [0, 1), shape (N, 2).
 
-    Returns (N, size, size) for a single-channel bank, planar (N, C, size, size) for a (2S, 2S, C) bank.
+    Returns (N, size, size) for a single-channel bank (2S, 2S), (N, C, size, size) for a planar bank (C, 2S, 2S).
     """
     starts = np.minimum((offsets * size).astype(np.int64), size)
-    return sliding_window_view(bank, (size, size), axis=(0, 1))[starts[:, 0], starts[:, 1]]
+    windows = sliding_window_view(bank, (*bank.shape[:-2], size, size))[(0,) * (bank.ndim - 2)]
+    return windows[starts[:, 0], starts[:, 1]]
