@@ -26,34 +26,34 @@ class NuisanceConfig(StrictModel):
     at 112 px (scaled with the image size); ``noise_sigma_range`` is in 0..255 grey levels.
     """
 
-    yaw_range: Angle = (-40.0, 40.0)
-    pitch_range: Angle = (-15.0, 15.0)
-    roll_range: Angle = (-12.0, 12.0)
+    yaw_range: Angle = (-55.0, 55.0)
+    pitch_range: Angle = (-18.0, 18.0)
+    roll_range: Angle = (-15.0, 15.0)
     scale_range: _span(0.5, 1.5) = (0.88, 1.08)
     shift_range: _span(-0.2, 0.2) = (-0.05, 0.05)
     light_azimuth_range: Angle = (-70.0, 70.0)
     light_elevation_range: Angle = (-10.0, 50.0)
-    light_intensity_range: _span(0.0, 2.0) = (0.35, 0.75)
-    ambient_range: _span(0.0, 1.5) = (0.45, 0.7)
-    light_warmth_range: _span(-1.0, 1.0) = (-0.5, 0.5)
+    light_intensity_range: _span(0.0, 2.0) = (0.25, 1.0)
+    ambient_range: _span(0.0, 1.5) = (0.35, 0.8)
+    light_warmth_range: _span(-1.0, 1.0) = (-0.9, 0.9)
     smile_range: _span(-1.0, 1.0) = (-0.3, 1.0)
     mouth_open_prob: Probability = 0.3
     mouth_open_range: Unit = (0.15, 0.8)
     brow_raise_range: Unit = (0.0, 0.8)
     eye_closure_range: Unit = (0.0, 0.45)
     gaze_range: _span(-1.0, 1.0) = (-0.35, 0.35)
-    glasses_prob: Probability = 0.12
+    glasses_prob: Probability = 0.2
     sunglasses_prob: Probability = 0.25
-    hat_prob: Probability = 0.07
-    hand_prob: Probability = 0.05
+    hat_prob: Probability = 0.12
+    hand_prob: Probability = 0.1
     background_weights: tuple[
         Annotated[float, Field(ge=0.0)], Annotated[float, Field(ge=0.0)], Annotated[float, Field(ge=0.0)]
     ] = (0.3, 0.4, 0.3)
-    blur_sigma_range: _span(0.0, 4.0) = (0.0, 1.1)
-    noise_sigma_range: _span(0.0, 40.0) = (0.0, 5.0)
+    blur_sigma_range: _span(0.0, 4.0) = (0.0, 2.6)
+    noise_sigma_range: _span(0.0, 40.0) = (0.0, 12.0)
     jpeg_prob: Probability = 0.6
-    jpeg_quality_range: _span(1.0, 100.0) = (40.0, 95.0)
-    age_range: Unit = (0.0, 0.3)
+    jpeg_quality_range: _span(1.0, 100.0) = (25.0, 95.0)
+    age_range: Unit = (0.0, 0.35)
 
     @model_validator(mode="after")
     def _ranges_ordered(self) -> NuisanceConfig:
