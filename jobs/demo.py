@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 
 from facesynth import storage
 from facesynth.config import ConfigError, StrictModel, load_config, parse_job_args
+from facesynth.runtime import RayConfig, init_ray
 
 STAGES = ("render", "benchmark", "train_fr", "evaluate", "train_uiface", "generate", "quality")
 
@@ -190,9 +191,17 @@ def plan_configs(cfg: DemoConfig) -> list[tuple[str, Callable, BaseModel]]:
     ]
 
 
+def shared_ray(configs: list[tuple[str, Callable, BaseModel]]) -> RayConfig:
+    """One embedded Ray for every stage, offering the most CPUs any stage asks for (a stage's own
+    ``ray`` settings would otherwise be ignored once the first stage has started Ray)."""
+    wanted = [c.ray.num_cpus for _, _, c in configs if isinstance(getattr(c, "ray", None), RayConfig)]
+    return RayConfig(num_cpus=None if not wanted or None in wanted else max(wanted))
+
+
 def demo(cfg: DemoConfig) -> dict[str, dict]:
     """Run the selected stages in order; returns each stage's result keyed by stage:output."""
     configs = plan_configs(cfg)
+    init_ray(shared_ray(configs))
     results: dict[str, dict] = {}
     for name, run, job_cfg in configs:
         start = time.perf_counter()

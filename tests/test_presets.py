@@ -48,7 +48,7 @@ def test_preset_validates(path):
 
 
 def test_demo_plans_every_stage_under_one_root(tmp_path):
-    from jobs.demo import STAGES, DemoConfig, plan_configs
+    from jobs.demo import STAGES, DemoConfig, plan_configs, shared_ray
 
     root = str(tmp_path / "q")
     planned = plan_configs(DemoConfig(output=root, overrides={"train_fr": ["train.steps=50"]}))
@@ -59,5 +59,7 @@ def test_demo_plans_every_stage_under_one_root(tmp_path):
     assert by_name["train_fr"].train.steps == 50
     assert by_name["train_fr"].data.datasets[0].uri == f"{root}/render"
     assert by_name["evaluate"].model == by_name["train_uiface"].judge == f"{root}/train-fr/model"
+    # UIFace training asks for 3 logical CPUs (a 2-CPU worker + its decode step): the shared Ray offers them
+    assert by_name["train_uiface"].ray.num_cpus == 3 and shared_ray(planned).num_cpus == 3
     with pytest.raises(ConfigError, match="unknown"):
         plan_configs(DemoConfig(output=root, stages=["render", "paint"]))
