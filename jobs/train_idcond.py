@@ -46,7 +46,7 @@ def write_report(cfg: TrainIdCondConfig, result: TrainResult) -> str:
         [r["loss"] for r in log],
         storage.join(cfg.output, "loss.png"),
         xlabel="step",
-        ylabel="epsilon MSE",
+        ylabel=f"{cfg.model.architecture().prediction_type} MSE",
         title=f"UIFace {cfg.run_name}",
         logy=True,
     )
