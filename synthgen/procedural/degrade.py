@@ -7,8 +7,7 @@ import math
 import cv2
 import numpy as np
 
-from synthgen.procedural import textures
-from synthgen.procedural.raster import per_sample
+from synthgen.procedural import kernels, textures
 
 REFERENCE_SIZE = 112  # blur sigmas are given in pixels at this size
 
@@ -25,15 +24,11 @@ def degrade(planar: np.ndarray, blur_sigma, noise_sigma, jpeg_quality, offsets: 
         k = 2 * math.ceil(3.0 * sigmas[i]) + 1
         for plane in planar[i]:
             plane[...] = cv2.GaussianBlur(plane, (k, k), float(sigmas[i]), borderType=cv2.BORDER_REFLECT)
-    noise = textures.crop(textures.noise_banks(size)["white_rgb"], offsets, size)
-    noise *= per_sample(np.asarray(noise_sigma) / 255.0)[:, None]
-    planar += noise
-    planar *= 255.0
-    planar += 0.5
-    levels = np.clip(planar, 0.0, 255.0, out=planar).astype(np.uint8)
-    out = np.empty((len(levels), size, size, 3), np.uint8)
-    for image, planes, quality in zip(out, levels, np.asarray(jpeg_quality)):
-        cv2.merge(list(planes), dst=image)  # interleave: far faster than numpy's transpose of uint8
+    bank = textures.noise_banks(size)["white_rgb"]
+    sigma = kernels.samples(np.asarray(noise_sigma) / 255.0, len(planar))
+    out = np.empty((len(planar), size, size, 3), np.uint8)
+    kernels.quantise(kernels.target(planar)[0], bank, textures.crop_starts(offsets, size), sigma, out)
+    for image, quality in zip(out, np.asarray(jpeg_quality)):
         if quality > 0:
             image[...] = jpeg_roundtrip(image, int(quality))
     return out

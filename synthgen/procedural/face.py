@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from synthgen.procedural import textures
+from synthgen.procedural import kernels, textures
 from synthgen.procedural.params import HAIR_COLOURS, IRIS_COLOURS, SKIN_TONES, Columns
 from synthgen.procedural.raster import (
     coverage,
@@ -287,27 +287,39 @@ class _Scene:
         return per_sample(np.clip(mean + self.style.saturation * (colours - mean), 0.0, 1.0))
 
     def _lit(self, albedo, lam) -> np.ndarray:
-        """``albedo`` under the sample's ambient + diffuse light (``lam`` a map or a constant)."""
-        lam = np.asarray(lam, np.float32)
-        return albedo * (self.ambient_rgb + (lam[:, None] if lam.ndim else lam) * self.light_rgb)
-
-    def _shade(self, nu, nv, nw, rot, with_specular=False):
-        """Diffuse (and specular) terms for object-space normals ``(nu, nv, nw)`` of a body rotated by ``rot``."""
-        lo = per_sample(np.einsum("nji,nj->ni", rot, self.light))
-        norm = np.sqrt(nu * nu + nv * nv + nw * nw) + 1e-6
-        lam = (nu * lo[:, 0] + nv * lo[:, 1] + nw * lo[:, 2]) / norm
-        st = self.style
-        if st.toon_levels:
-            lam = np.ceil(np.clip(lam, 0.0, 1.0) * st.toon_levels) / st.toon_levels
+        """``albedo`` (per sample or a map) under the sample's ambient + diffuse light (``lam`` a map or a constant)."""
+        if np.ndim(lam) == 0:
+            return albedo * (self.ambient_rgb + np.float32(lam) * self.light_rgb)
+        n, _, h, w = shape = (self.n, 3, *np.shape(lam)[-2:])
+        if np.shape(albedo)[-2:] == (1, 1):
+            source = np.ascontiguousarray(np.broadcast_to(albedo, (n, 3, 1, 1)), np.float32), 0
         else:
-            lam = np.clip((lam + st.wrap) / (1.0 + st.wrap), 0.0, 1.0)
-        if not (with_specular and st.specular):
-            return lam, None
-        ho = per_sample(np.einsum("nji,nj->ni", rot, self.half))
-        spec = np.clip((nu * ho[:, 0] + nv * ho[:, 1] + nw * ho[:, 2]) / norm, 0.0, 1.0)
-        for _ in range(5):  # spec ** 32
-            spec *= spec
-        return lam, spec
+            source = kernels.pixels(albedo, shape)
+        out = np.empty(shape, np.float32)
+        ambient, light = (np.ascontiguousarray(c.reshape(n, 3)) for c in (self.ambient_rgb, self.light_rgb))
+        kernels.lit(*source, *kernels.pixels(lam, (n, h, w)), ambient, light, out)
+        return out
+
+    def _shade(self, normal, scale, rot, with_specular=False):
+        """Diffuse (and specular) terms for object-space normals ``normal * scale`` of a body rotated by ``rot``.
+
+        ``normal``: three (N, h, W) maps; ``scale``: (N, 3) per-sample factors of their components.
+        """
+        st, shape = self.style, normal[0].shape
+        lam = np.empty(shape, np.float32)
+        spec = np.empty(shape if with_specular and st.specular else (self.n, 0, 0), np.float32)
+        light, half = (np.einsum("nji,nj->ni", rot, d).astype(np.float32) for d in (self.light, self.half))
+        kernels.shade(
+            *(np.ascontiguousarray(a, np.float32) for a in normal),
+            np.ascontiguousarray(scale, np.float32),
+            light,
+            half,
+            np.float32(st.toon_levels),
+            np.float32(st.wrap),
+            lam,
+            spec,
+        )
+        return lam, spec if spec.size else None
 
     # -- layers ------------------------------------------------------------------------------------------
     def background(self) -> np.ndarray:
@@ -363,7 +375,7 @@ class _Scene:
 
     def head(self, canvas) -> _Head:
         """The head with its painted features, inside ``head_box`` (a band); returns its maps."""
-        ic, f, box, shape = self.ic, per_sample, self.head_box, self.x.shape
+        ic, box, shape = self.ic, self.head_box, self.x.shape
         radii = np.stack([np.ones(self.n), self.b, self.c], -1)
         bulge, edge, z, (u, v, w) = ray_ellipsoid(_band(self.xh, box), _band(self.y, box), self.rot, radii)
         z -= (bulge <= 0) * np.float32(1e4)  # off the head: far behind everything
@@ -387,8 +399,8 @@ class _Scene:
         albedo, lum = _band(albedo, box), _band(lum, box)
         scalp = self._scalp(head)
         paint(albedo, scalp, _band(self.hair_map, box))
-        b, c = f(self.b), f(self.c)
-        lam, spec = self._shade(u, v / (b * b), w / (c * c), self.rot, with_specular=True)
+        scale = np.stack([np.ones(self.n), self.b**-2, self.c**-2], -1)
+        lam, spec = self._shade((u, v, w), scale, self.rot, with_specular=True)
         albedo *= lum[:, None]
         colour = self._lit(albedo, lam)
         if spec is not None:
@@ -534,8 +546,7 @@ class _Scene:
         _, edge, dz, (nu, nv, nw) = ray_ellipsoid(dx, dy, rot, radii, exact_edge=True)
         cover = coverage(edge, self.gain * self.style.hair_edge)
         cover *= dz + f(centre[:, 2]) > _band(h.z, box)
-        nw2, nl2, nd2 = (f(r * r) for r in radii.T)
-        lam, _ = self._shade(nu / nw2, nv / nl2, nw / nd2, rot)
+        lam, _ = self._shade((nu, nv, nw), radii**-2, rot)
         lateral = (np.abs(nu) / f(ic["nose_w"]) - 0.5) / 0.25
         nostril = coverage(
             1.0 - lateral * lateral - ((nv / f(ic["nose_len"]) - 0.62) / 0.2) ** 2, 0.1 * self.gain

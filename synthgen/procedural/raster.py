@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from synthgen.procedural import kernels
+
 
 def per_sample(values) -> np.ndarray:
     """(N,) values -> float32 (N, 1, 1); (N, K) vectors or colours -> (N, K, 1, 1), to broadcast over images.
@@ -20,13 +22,14 @@ def rgb(values) -> np.ndarray:
 
 
 def coverage(inside: np.ndarray, gain) -> np.ndarray:
-    """Anti-aliased coverage in [0, 1] from a signed distance ``inside`` (> 0 inside the shape).
+    """Anti-aliased coverage in [0, 1] from a signed distance ``inside`` (> 0 inside the shape), (N, H, W).
 
-    ``gain`` converts ``inside`` to pixels divided by the style's edge width (the width of the 0..1 ramp).
+    ``gain`` (scalar or per sample) converts ``inside`` to pixels divided by the style's edge width (the width
+    of the 0..1 ramp).
     """
-    out = inside * gain
-    out += 0.5
-    return np.clip(out, 0.0, 1.0, out=out)
+    out = np.empty(np.shape(inside), np.float32)
+    kernels.coverage(*kernels.pixels(inside, out.shape), kernels.samples(gain, len(out)), out)
+    return out
 
 
 def ellipse_q(du: np.ndarray, dv: np.ndarray, ru, rv) -> np.ndarray:
@@ -39,48 +42,48 @@ def ellipse_q(du: np.ndarray, dv: np.ndarray, ru, rv) -> np.ndarray:
     return a
 
 
-def edge_distance(value: np.ndarray, grad_x: np.ndarray, grad_y: np.ndarray) -> np.ndarray:
-    """First-order signed distance ``value / |grad|`` to the zero set of an implicit function.
-
-    Works in place: returns ``value`` and overwrites the gradient arrays.
-    """
-    grad_x *= grad_x
-    grad_y *= grad_y
-    norm = np.sqrt(np.add(grad_x, grad_y, out=grad_x), out=grad_x)
-    np.clip(norm, 1e-6, np.inf, out=norm)  # two-sided clip: numpy's fast path, unlike maximum with a scalar
-    value /= norm
-    return value
-
-
 def ellipse(du: np.ndarray, dv: np.ndarray, ru, rv, gain, shrink: float = 1.0) -> np.ndarray:
     """Coverage of the ellipse with radii ``shrink * (ru, rv)``; ``gain`` = pixels per unit / edge width.
 
+    ``du, dv`` are per-pixel offsets from the centre (N, H, W); radii and gain are scalars or per sample.
     The edge distance comes from the implicit function's gradient, so long thin ellipses get a ramp as
     sharp along their length as across it; far from the edge, where that estimate falls short, the
     distance to the bounding box (never more than the true distance) takes over.
     """
-    a, b = du / ru, dv / rv
-    value = a * a
-    value += b * b
-    np.subtract(shrink * shrink, value, out=value)
-    a *= 2.0 / ru  # the gradient of the implicit function
-    b *= 2.0 / rv
-    inside = edge_distance(value, a, b)
-    to_box = np.subtract(shrink * ru, np.abs(du, out=a), out=a)
-    np.minimum(to_box, np.subtract(shrink * rv, np.abs(dv, out=b), out=b), out=to_box)
-    return coverage(np.minimum(inside, to_box, out=inside), gain)
+    out = np.empty(np.broadcast_shapes(np.shape(du), np.shape(dv)), np.float32)
+    n = len(out)
+    kernels.ellipse(
+        *kernels.pixels(du, out.shape),
+        *kernels.pixels(dv, out.shape),
+        kernels.samples(ru, n),
+        kernels.samples(rv, n),
+        kernels.samples(gain, n),
+        np.float32(shrink),
+        out,
+    )
+    return out
 
 
-def paint(canvas: np.ndarray, alpha: np.ndarray, colour: np.ndarray) -> None:
-    """Alpha-blend ``colour`` ((3,1,1), (N,3,1,1) or (N,3,H,W)) over the planar ``canvas`` in place."""
-    delta = colour - canvas
-    delta *= alpha[:, None]
-    canvas += delta
+def paint(canvas: np.ndarray, alpha: np.ndarray, colour) -> None:
+    """Alpha-blend ``colour`` ((3,1,1), (N,3,1,1) or (N,3,H,W)) over the planar ``canvas`` in place.
+
+    ``canvas`` is a float32 C array or a band of its rows; ``alpha`` is per pixel (N, H, W).
+    """
+    full, c0 = kernels.target(canvas)
+    n, _, h, w = canvas.shape
+    alpha_rows = kernels.pixels(alpha, (n, h, w))
+    if np.shape(colour)[-2:] == (1, 1):
+        kernels.paint_flat(full, c0, h, *alpha_rows, kernels.colours(colour, n))
+    else:
+        kernels.paint_map(full, c0, h, *alpha_rows, *kernels.pixels(colour, canvas.shape))
 
 
 def darken(lum: np.ndarray, alpha: np.ndarray, strength) -> None:
-    """Multiply the brightness map ``lum`` by ``1 - strength * alpha`` in place."""
-    lum *= 1.0 - alpha * strength
+    """Multiply the brightness map ``lum`` by ``1 - strength * alpha`` in place (``strength`` scalar or per sample)."""
+    full, l0 = kernels.target(lum)
+    kernels.darken(
+        full, l0, lum.shape[-2], *kernels.pixels(alpha, lum.shape), kernels.samples(strength, len(lum))
+    )
 
 
 def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -113,27 +116,18 @@ def ray_ellipsoid(
     object coordinates ``(u, v, w)``. Without ``exact_edge`` the distance is the first-order
     ``inside * r_min / 2``, good for ellipsoids whose silhouette is not much longer than wide.
     """
-    m = matmul(rot, rot.transpose(0, 2, 1) / (radii[:, :, None] ** 2))  # R diag(1/r^2) R^T
-    m = per_sample(m.reshape(-1, 9))
+    m = matmul(rot, rot.transpose(0, 2, 1) / (radii[:, :, None] ** 2)).reshape(-1, 9)  # R diag(1/r^2) R^T
     mxx, mxy, mxz, myy, myz, mzz = (m[:, i] for i in (0, 1, 2, 4, 5, 8))
     zx, zy = mxz / mzz, myz / mzz  # the depth of the surface's midpoint falls by these per unit of x, y
-    sxx, sxy, syy = mxx - mxz * zx, mxy - mxz * zy, myy - myz * zy  # the silhouette's quadratic form
-    gx, gy = sxx * dx + sxy * dy, sxy * dx + syy * dy  # half its gradient
-    inside = dx * gx
-    inside += dy * gy
-    np.subtract(1.0, inside, out=inside)
-    if exact_edge:
-        edge = edge_distance(inside * 0.5, gx, gy)
-        # Far from the silhouette the gradient estimate falls short; the bounding circle never overestimates.
-        np.minimum(edge, per_sample(radii.max(-1)) - np.sqrt(dx * dx + dy * dy), out=edge)
-    else:
-        edge = inside * per_sample(0.5 * radii.min(-1))
-    bulge = np.sqrt(np.clip(inside, 0.0, 1.0))
-    dz = bulge * (1.0 / np.sqrt(mzz)) - zx * dx - zy * dy
-    r = per_sample(rot.reshape(-1, 9))
-    u = r[:, 0] * dx + r[:, 3] * dy + r[:, 6] * dz
-    v = r[:, 1] * dx + r[:, 4] * dy + r[:, 7] * dz
-    w = r[:, 2] * dx + r[:, 5] * dy + r[:, 8] * dz
+    form = [mxx - mxz * zx, mxy - mxz * zy, myy - myz * zy]  # the silhouette's quadratic form
+    extra = [zx, zy, 1.0 / np.sqrt(mzz), radii.max(-1), 0.5 * radii.min(-1)]
+    coef = np.concatenate([np.stack(form + extra, -1), rot.reshape(-1, 9)], -1).astype(np.float32)
+    shape = np.broadcast_shapes(np.shape(dx), np.shape(dy))
+    maps = np.empty((6, *shape), np.float32)
+    kernels.ray_ellipsoid(
+        *kernels.pixels(dx, shape), *kernels.pixels(dy, shape), np.ascontiguousarray(coef), exact_edge, *maps
+    )
+    bulge, edge, dz, u, v, w = maps
     return bulge, edge, dz, (u, v, w)
 
 

@@ -40,6 +40,11 @@ def crop(bank: np.ndarray, offsets: np.ndarray, size: int) -> np.ndarray:
 
     Returns (N, size, size) for a single-channel bank (2S, 2S), (N, C, size, size) for a planar bank (C, 2S, 2S).
     """
-    starts = np.minimum((offsets * size).astype(np.int64), size)
+    starts = crop_starts(offsets, size)
     windows = sliding_window_view(bank, (*bank.shape[:-2], size, size))[(0,) * (bank.ndim - 2)]
     return windows[starts[:, 0], starts[:, 1]]
+
+
+def crop_starts(offsets: np.ndarray, size: int) -> np.ndarray:
+    """The (row, column) corners (N, 2) of the crops that :func:`crop` takes at ``offsets``."""
+    return np.minimum((np.asarray(offsets) * size).astype(np.int64), size)
