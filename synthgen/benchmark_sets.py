@@ -26,7 +26,6 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -35,6 +34,7 @@ from facesynth import binsets, storage
 from synthgen.procedural import render_faces
 from synthgen.procedural.render import check_size
 from synthgen.procedural.styles import get_style
+from synthgen.stage import encode_images
 
 FOLDS = 10
 PAIR_SETS = {"lfw-like": 6000, "cfp-fp-like": 7000, "agedb-like": 6000}  # the standard pair counts
@@ -175,17 +175,9 @@ def _render(
             rows = group[start : start + RENDER_BATCH]
             batch = render_faces(ids[rows], seeds[rows], style=style, size=size, overrides=override)
             yaw[rows], age[rows] = batch.nuisance["yaw"], batch.nuisance["age"]
-            for row, image in zip(rows, batch.images):
-                images[row] = encode_png(image)
+            for row, data in zip(rows, encode_images(batch.images)):
+                images[row] = data
     return _Rendered(images, yaw, age)
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """PNG bytes of an RGB uint8 image."""
-    ok, data = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))
-    if not ok:
-        raise RuntimeError(f"PNG encoding failed for an image of shape {image.shape}")
-    return data.tobytes()
 
 
 def _build_pair_set(out_uri, name, n_pairs, pool, rng, style, size) -> dict:

@@ -11,13 +11,13 @@ per-unit functions in one process (the baseline for ``bench/generate_throughput.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 from pydantic import Field
 
@@ -38,6 +38,9 @@ class StageConfig(StrictModel):
     max_actors: int = Field(1, ge=1, description="upper bound for autoscaling the actor pool")
     encoders_cpus: float = Field(0.5, gt=0, description="CPUs per encode+write task")
     image_format: str = Field("png", pattern="^(png|jpeg)$")
+    png_compression: int = Field(
+        1, ge=0, le=9, description="zlib level; 1 encodes faces ~2.8x faster than 6 for ~8% more bytes"
+    )
     jpeg_quality: int = Field(95, ge=1, le=100)
     commit_every_s: float = Field(2.0, ge=0, description="batch manifest commits at most this often")
 
@@ -115,18 +118,20 @@ def generate_unit_rows(
     return out
 
 
-def encode_images(images: np.ndarray, fmt: str = "png", quality: int = 95) -> list[bytes]:
-    """Encode uint8 RGB images to PNG/JPEG bytes (deterministic for fixed settings)."""
-    from PIL import Image
-
+def encode_images(
+    images: np.ndarray, fmt: str = "png", *, png_compression: int = 1, jpeg_quality: int = 95
+) -> list[bytes]:
+    """Encode uint8 RGB images (N, H, W, 3) as PNG or JPEG bytes with OpenCV (deterministic for fixed settings)."""
+    if fmt == "png":
+        ext, params = ".png", [cv2.IMWRITE_PNG_COMPRESSION, png_compression]
+    else:
+        ext, params = ".jpg", [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]
     out = []
     for img in images:
-        buf = io.BytesIO()
-        if fmt == "png":
-            Image.fromarray(img).save(buf, format="PNG", compress_level=6)
-        else:
-            Image.fromarray(img).save(buf, format="JPEG", quality=quality)
-        out.append(buf.getvalue())
+        ok, data = cv2.imencode(ext, np.ascontiguousarray(img[..., ::-1]), params)  # OpenCV wants BGR
+        if not ok:
+            raise RuntimeError(f"{fmt} encoding failed for an image of shape {img.shape}")
+        out.append(data.tobytes())
     return out
 
 
@@ -135,7 +140,12 @@ def write_unit(dataset_uri: str, unit_row: dict, cfg: StageConfig) -> dict:
     meta = json.loads(unit_row["meta"])
     n = len(meta["identity"])
     rows = {
-        "image": encode_images(np.asarray(unit_row["images"]), cfg.image_format, cfg.jpeg_quality),
+        "image": encode_images(
+            np.asarray(unit_row["images"]),
+            cfg.image_format,
+            png_compression=cfg.png_compression,
+            jpeg_quality=cfg.jpeg_quality,
+        ),
         "identity": meta["identity"],
         "identity_name": meta["identity_name"],
         "sample": meta["sample"],

@@ -17,7 +17,8 @@ from recog.backbones import build_backbone
 from recog.export import export_embedder
 from recog.roc import pool_templates, tar_at_fmr, template_pair_scores
 from recog.verification import verify_embeddings
-from synthgen.benchmark_sets import build_benchmark, encode_png, read_template_set
+from synthgen.benchmark_sets import build_benchmark, read_template_set
+from synthgen.stage import encode_images
 
 torch.set_num_threads(2)
 SIZE = 32
@@ -160,7 +161,7 @@ def _bad_bins(tmp_path, bench) -> dict[str, tuple[str, str]]:
     truncated.write_bytes(open(f"{bench}/lfw-like.bin", "rb").read()[:5000])
     wrong_size = str(tmp_path / "big.bin")
     faces = np.random.default_rng(0).integers(0, 256, (4, 40, 40, 3), dtype=np.uint8)
-    binsets.write_bin(wrong_size, [encode_png(f) for f in faces], [True, False])
+    binsets.write_bin(wrong_size, encode_images(faces), [True, False])
     return {
         "evil": (str(evil), "refused to unpickle global os.system"),
         "truncated": (str(truncated), "truncated or corrupt"),
@@ -186,11 +187,11 @@ def test_resize_accepts_other_sizes(model, tmp_path):
     """With resize=true a 64 px set is resized short-side to the model's 32 px, as insightface does."""
     faces = np.random.default_rng(1).integers(0, 256, (40, 64, 64, 3), dtype=np.uint8)
     uri = str(tmp_path / "big.bin")
-    binsets.write_bin(uri, [encode_png(f) for f in faces], [i % 2 == 0 for i in range(20)])
+    binsets.write_bin(uri, encode_images(faces), [i % 2 == 0 for i in range(20)])
     metrics = evaluate(
         EvaluateJob(model=model, sets=[{"uri": uri}], output=str(tmp_path / "o"), resize=True, nrof_folds=2)
     )
-    emb = load_face_model(model).embed(binsets.decode_images([encode_png(f) for f in faces], SIZE))
+    emb = load_face_model(model).embed(binsets.decode_images(encode_images(faces), SIZE))
     expected = verify_embeddings(emb[0::2], emb[1::2], np.arange(20) % 2 == 0, nrof_folds=2)
     assert metrics["sets"]["big"]["accuracy"] == expected.accuracy
 
