@@ -57,7 +57,15 @@ class QualityJob(StrictModel):
     num_gpus_per_worker: float = Field(0.0, ge=0)
     num_cpus_per_worker: float = Field(1.0, gt=0)
     k: int = Field(3, ge=1, description="nearest neighbours of the precision/recall manifolds")
-    leakage_threshold: float = Field(0.4, ge=-1.0, le=1.0, description="judge's same-identity cosine")
+    leakage_threshold: float | None = Field(
+        None,
+        ge=-1.0,
+        le=1.0,
+        description="centre cosine that flags a leaked identity; None: from the reference, at leakage_fpr",
+    )
+    leakage_fpr: float = Field(
+        0.01, gt=0.0, lt=1.0, description="share of new identities (drawn like the reference) flagged"
+    )
     lpips: bool = False
     lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
     lpips_images_per_identity: int = Field(8, ge=2)
@@ -93,9 +101,17 @@ def t0_histogram(t0: np.ndarray) -> dict | None:
 
 
 def quality_metrics(
-    syn: EmbeddedDataset, ref: EmbeddedDataset | None, *, k: int, leakage_threshold: float
+    syn: EmbeddedDataset,
+    ref: EmbeddedDataset | None,
+    *,
+    k: int,
+    leakage_threshold: float | None,
+    leakage_fpr: float = 0.01,
 ) -> dict:
-    """The embedding statistics of ``quality.json`` (see :mod:`recog.quality`)."""
+    """The embedding statistics of ``quality.json`` (see :mod:`recog.quality`).
+
+    ``leakage_threshold`` None: :func:`recog.quality.nearest_identity_threshold` of the reference at ``leakage_fpr``.
+    """
     consistency = quality.identity_consistency(syn.embeddings, syn.identities)
     diversity = quality.intra_class_diversity(syn.embeddings, syn.identities)
     lowest = sorted(consistency["per_identity"].items(), key=lambda kv: (kv[1], kv[0]))[:LOWEST_LISTED]
@@ -119,6 +135,12 @@ def quality_metrics(
         "t0_histogram": t0_histogram(syn.columns["t0"]),
     }
     if ref is not None:
+        source = "config"
+        if leakage_threshold is None:
+            leakage_threshold = quality.nearest_identity_threshold(
+                ref.embeddings, ref.identities, leakage_fpr
+            )
+            source = f"reference nearest-identity cosines at FPR {leakage_fpr:g}"
         leaks = quality.identity_leakage(
             syn.embeddings, syn.identities, ref.embeddings, ref.identities, leakage_threshold
         )
@@ -129,6 +151,7 @@ def quality_metrics(
             fid=quality.fid(ref.embeddings, syn.embeddings),
             leakage={
                 "threshold": leakage_threshold,
+                "threshold_source": source,
                 "identities_checked": len(leaks),
                 "max_cosine": max(row["cosine"] for row in leaks),
                 "flagged": [
@@ -230,7 +253,7 @@ def report_sections(q: dict) -> dict[str, str]:
         ]
         head = (
             f"{len(flagged)} of {leak['identities_checked']} identities have a reference identity centre "
-            f"above cosine {leak['threshold']} (max {_fmt(leak['max_cosine'])})."
+            f"above cosine {_fmt(leak['threshold'])} ({leak['threshold_source']}; max {_fmt(leak['max_cosine'])})."
         )
         sections["Identity leakage"] = head + ("\n\n" + markdown_table(flagged) if flagged else "")
     if q["t0_histogram"] is not None:
@@ -270,7 +293,7 @@ def summary_lines(q: dict) -> list[str]:
             f"  vs {q['reference']}: precision {_fmt(pr['precision'])}, recall {_fmt(pr['recall'])}, "
             f"FID {_fmt(q['fid'])}",
             f"  leakage: {len(leak['flagged'])} of {leak['identities_checked']} identities above cosine "
-            f"{leak['threshold']}",
+            f"{_fmt(leak['threshold'])} ({leak['threshold_source']})",
         ]
     if q["t0_histogram"] is not None:
         hist = q["t0_histogram"]
@@ -305,7 +328,9 @@ def dataset_quality_job(cfg: QualityJob) -> dict:
         "dataset": cfg.dataset,
         "reference": cfg.reference,
         "judge": cfg.judge,
-        **quality_metrics(syn, ref, k=cfg.k, leakage_threshold=cfg.leakage_threshold),
+        **quality_metrics(
+            syn, ref, k=cfg.k, leakage_threshold=cfg.leakage_threshold, leakage_fpr=cfg.leakage_fpr
+        ),
         "lpips": lpips_report(cfg, syn_plan, syn),
     }
     write_sample_grid(

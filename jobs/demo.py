@@ -168,11 +168,16 @@ def summary_markdown(root: str, results: dict[str, dict]) -> str:
         ]
         for mode, q in rows:
             if q:
-                ic, leak = q["identity_consistency"], q.get("leakage") or {}
+                ic, leak = q["identity_consistency"], q.get("leakage")
+                leaked = (
+                    f"{len(leak['flagged'])} of {leak['identities_checked']} (cosine > {leak['threshold']:.3f})"
+                    if leak
+                    else "-"
+                )
                 lines.append(
                     f"| {'two-stage (adaptive t0)' if mode == 'adaptive' else 'single-stage'} | "
                     f"{ic['mean']:.3f} | {ic['chance']:.3f} | {q['intra_class_diversity']['mean']:.3f} | "
-                    f"{len(leak.get('flagged', []))} |"
+                    f"{leaked} |"
                 )
         lines.append("")
     return "\n".join(lines)

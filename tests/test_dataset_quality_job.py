@@ -163,7 +163,7 @@ def test_job_numbers_equal_quality_functions_on_direct_embeddings(data, ray_loca
     assert [r["nearest_real_identity"] for r in flagged] == SHARED
     np.testing.assert_allclose([r["cosine"] for r in flagged], 1.0, atol=1e-5)
     assert max(r["cosine"] for r in leaks if r["synthetic_identity"] not in SHARED) < 0.995
-    assert q["leakage"]["identities_checked"] == IDS
+    assert q["leakage"]["identities_checked"] == IDS and q["leakage"]["threshold_source"] == "config"
 
     assert q["t0_histogram"] == {"t0": list(T0), "count": [IDS * SAMPLES // 2] * 2, "single_stage_rows": 0}
     reason = quality.lpips_unavailable_reason("alex")
@@ -184,7 +184,10 @@ def test_job_numbers_equal_quality_functions_on_direct_embeddings(data, ray_loca
     resolved = yaml.safe_load(storage.read_bytes(storage.join(out, "config.yaml")))
     assert resolved["leakage_threshold"] == 0.995 and resolved["dataset"] == data["syn"]
     printed = capsys.readouterr().out
-    assert "leakage: 4 of 12 identities above cosine 0.995" in printed and "t0: 200x24, 300x24" in printed
+    assert (
+        "leakage: 4 of 12 identities above cosine 0.9950 (config)" in printed
+        and "t0: 200x24, 300x24" in printed
+    )
 
 
 def test_ray_embeddings_equal_in_process_ones_in_dataset_order(data, ray_local):

@@ -13,11 +13,13 @@ from recog.quality import (
     dataset_quality,
     fid,
     frechet_distance,
+    identity_centres,
     identity_consistency,
     identity_leakage,
     inter_class_separation,
     intra_class_diversity,
     lpips_diversity,
+    nearest_identity_threshold,
     precision_recall,
 )
 
@@ -113,6 +115,45 @@ def test_fid_identical_shifted_and_analytic():
     ) == (pytest.approx(analytic))
     with pytest.raises(ValueError, match="features"):
         fid(x, x[:, :3])
+
+
+def _clustered(centres: np.ndarray, per_identity: int, spread: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    points = np.repeat(centres, per_identity, 0) + spread * rng.normal(
+        size=(len(centres) * per_identity, centres.shape[1])
+    )
+    return points / np.linalg.norm(points, axis=1, keepdims=True)
+
+
+def test_nearest_identity_threshold_flags_copies_and_few_new_identities():
+    rng = np.random.default_rng(3)
+    real_centres = rng.normal(size=(400, 16))
+    real, real_ids = _clustered(real_centres, 4, 0.3, 1), np.repeat(np.arange(400), 4)
+    _, centres = identity_centres(real, real_ids)
+    cos = centres @ centres.T
+    np.fill_diagonal(cos, -np.inf)
+    threshold = nearest_identity_threshold(real, real_ids, fpr=0.05)
+    assert threshold == pytest.approx(np.quantile(cos.max(1), 0.95), abs=1e-6)
+
+    copies = _clustered(real_centres[:10], 4, 0.3, 2)  # new images of ten real people
+    strangers = _clustered(rng.normal(size=(400, 16)), 4, 0.3, 3)  # new people, drawn like the real ones
+    synthetic, synthetic_ids = np.concatenate([copies, strangers]), np.repeat(np.arange(410), 4)
+    rows = identity_leakage(synthetic, synthetic_ids, real, real_ids, threshold)
+    assert all(r["leaked"] and r["nearest_real_identity"] == r["synthetic_identity"] for r in rows[:10])
+    flagged_strangers = sum(r["leaked"] for r in rows[10:]) / 400
+    assert 0.02 < flagged_strangers < 0.09  # ~fpr; a fixed-count max over 400 would flag nearly all
+    default = dataset_quality(
+        synthetic, synthetic_ids, real, real_ids
+    )  # threshold from the real set, fpr 0.01
+    assert 10 <= default["leaked_identities"] <= 10 + 12
+
+    # a narrow judge (every face in one cone) gets a higher threshold than a fixed cosine would assume
+    cone = _clustered(real_centres * 0.25 + 3.0, 4, 0.3 * 0.25, 1)
+    assert nearest_identity_threshold(cone, real_ids) > 0.9 > nearest_identity_threshold(real, real_ids)
+    with pytest.raises(ValueError, match="at least 2"):
+        nearest_identity_threshold(real[:4], real_ids[:4])
+    with pytest.raises(ValueError, match="fpr"):
+        nearest_identity_threshold(real, real_ids, fpr=0.0)
 
 
 def test_identity_leakage_flags_near_copies():
