@@ -16,11 +16,11 @@ import io
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
 import torch
-from pydantic import Field, ValidationError, field_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator
 
 from facesynth import storage
 from facesynth.config import StrictModel
@@ -29,6 +29,15 @@ FlipFusion = Literal["sum", "norm_weighted"]
 ChannelOrder = Literal["RGB", "BGR"]
 FLIP_FUSIONS: tuple[str, ...] = get_args(FlipFusion)
 CHANNEL_ORDERS: tuple[str, ...] = get_args(ChannelOrder)
+
+
+def _positive_std(value: tuple[float, float, float]) -> tuple[float, float, float]:
+    if min(value) <= 0:
+        raise ValueError(f"std={list(value)}: expected 3 positive values")
+    return value
+
+
+Std = Annotated[tuple[float, float, float], AfterValidator(_positive_std)]  # per-channel, all > 0
 
 EmbedFn = Callable[[torch.Tensor], "torch.Tensor | np.ndarray"]
 
@@ -40,7 +49,7 @@ class ModelSpec(StrictModel):
     file: str = Field(min_length=1)
     input_size: tuple[int, int]
     mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    std: Std
     channel_order: ChannelOrder
     embedding_dim: int = Field(ge=1)
     flip_fusion: FlipFusion = "sum"
@@ -57,13 +66,6 @@ class ModelSpec(StrictModel):
     def _positive_size(cls, value: tuple[int, int]) -> tuple[int, int]:
         if min(value) < 1:
             raise ValueError(f"input_size={list(value)}: expected positive [height, width]")
-        return value
-
-    @field_validator("std")
-    @classmethod
-    def _positive_std(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
-        if min(value) <= 0:
-            raise ValueError(f"std={list(value)}: expected 3 positive values")
         return value
 
     @classmethod

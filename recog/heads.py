@@ -31,7 +31,6 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import nn
 
@@ -103,6 +102,26 @@ class AdaFaceMargin(nn.Module):
 
     def extra_repr(self) -> str:
         return f"m={self.m}, h={self.h}, momentum={self.momentum}"
+
+
+class _GatherRows(torch.autograd.Function):
+    """Every rank's rows, concatenated in rank order (equal row counts); backward sums the gradient that
+    each rank's loss sends to a row and hands every rank that of its own rows."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor) -> torch.Tensor:
+        local = local.contiguous()
+        out = local.new_empty((dist.get_world_size() * local.shape[0], *local.shape[1:]))
+        dist.all_gather_into_tensor(out, local)
+        ctx.rows = local.shape[0]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        start = dist.get_rank() * ctx.rows
+        return grad[start : start + ctx.rows]
 
 
 class _ShardedCrossEntropy(torch.autograd.Function):
@@ -191,10 +210,7 @@ class MarginHead(nn.Module):
             raise ValueError(f"labels: expected class ids in [0, {self.num_classes}), got {got}")
         embeddings = embeddings.float()
         if self.world_size > 1:
-            embeddings = torch.cat(dist_nn.all_gather(embeddings))
-            gathered = [torch.empty_like(labels) for _ in range(self.world_size)]
-            dist.all_gather(gathered, labels)
-            labels = torch.cat(gathered)
+            embeddings, labels = _GatherRows.apply(embeddings), _GatherRows.apply(labels)
         local = labels - self.class_start
         local = torch.where((local >= 0) & (local < self.num_local), local, -1)
         weight = self.weight

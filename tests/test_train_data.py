@@ -220,6 +220,8 @@ def test_config_names_the_bad_key():
         "data.augment=[{name: crop, scale: [0.9, 0.5]}]": "data.augment.0.crop",
         "optim.warmup_steps=10": "warmup_steps",
         "model.sample_rate=0": "model.sample_rate",
+        "model.std=[0.5, 0.0, 0.5]": "model.std",
+        "model.flip_fusion=max": "model.flip_fusion",
     }
     for override, key in cases.items():
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

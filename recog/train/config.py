@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from facesynth.config import StrictModel
+from facesynth.face_model import FlipFusion, Std
 from facesynth.runtime import RayConfig
 from recog.backbones import BACKBONES
 from recog.heads import MARGIN_PRESETS
@@ -40,8 +41,8 @@ class ModelConfig(StrictModel):
         default_factory=dict, description="extra margin options, e.g. {easy_margin: true}"
     )
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    flip_fusion: Literal["sum", "norm_weighted"] = "sum"
+    std: Std = (0.5, 0.5, 0.5)
+    flip_fusion: FlipFusion = "sum"
 
     @field_validator("backbone")
     @classmethod
@@ -56,13 +57,6 @@ class ModelConfig(StrictModel):
         if name not in MARGIN_PRESETS:
             raise ValueError(f"head {name!r} is unknown: expected one of {sorted(MARGIN_PRESETS)}")
         return name
-
-    @field_validator("std")
-    @classmethod
-    def _positive_std(cls, std: tuple[float, float, float]) -> tuple[float, float, float]:
-        if min(std) <= 0:
-            raise ValueError(f"std={std}: expected positive values")
-        return std
 
 
 class DatasetSpec(StrictModel):
