@@ -123,7 +123,7 @@ def ray_ellipsoid(
     extra = [zx, zy, 1.0 / np.sqrt(mzz), radii.max(-1), 0.5 * radii.min(-1)]
     coef = np.concatenate([np.stack(form + extra, -1), rot.reshape(-1, 9)], -1).astype(np.float32)
     shape = np.broadcast_shapes(np.shape(dx), np.shape(dy))
-    maps = np.empty((6, *shape), np.float32)
+    maps = [np.empty(shape, np.float32) for _ in range(6)]  # separate arrays: bands of them stay bands
     kernels.ray_ellipsoid(
         *kernels.pixels(dx, shape), *kernels.pixels(dy, shape), np.ascontiguousarray(coef), exact_edge, *maps
     )
