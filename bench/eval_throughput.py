@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 import time
 
 import numpy as np
 import torch
 
+from bench.host import host_info
 from facesynth.face_model import load_face_model
 from recog.backbones import build_backbone
 from recog.export import export_embedder
@@ -114,10 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ray_actors_cold_seconds": round(cold_times[0], 3),
         "single_process_seconds": [round(t, 3) for t in loop_times],
         "same_accuracy": loop_acc == ray_acc,
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "python": platform.python_version(),
+        **host_info("torch", "numpy"),
     }
     print(json.dumps(result, indent=2))
     return result

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from bench.host import host_info
 from facesynth.runtime import RayConfig, init_ray
 from jobs.generate import GenerateConfig, prepare
 from synthgen.stage import StageConfig, StageResult, run_plain, run_ray
@@ -175,6 +176,7 @@ def run(args: argparse.Namespace, root: str) -> dict:
         "ray_over_plain_after_startup": round(
             ray["images_per_s_after_startup"] / plain["images_per_s_after_startup"], 3
         ),
+        **host_info("torch", "diffusers", "ray"),
     }
 
 

@@ -12,20 +12,12 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import time
-from importlib import metadata
 
 import numpy as np
 
+from bench.host import host_info
 from synthgen.procedural import STYLES, render_faces
-
-
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def _render_share(style: str, size: int, batch: int, first: int, count: int, barrier) -> tuple[float, float]:
@@ -63,13 +55,7 @@ def measure(style: str, size: int, batch: int, images: int, workers: int) -> dic
         "style": style,
         "batch": batch,
         "workers": workers,
-        "cpu_count": os.cpu_count(),
-        "load_avg_1m": round(os.getloadavg()[0], 2),
-        "numpy": np.__version__,
-        "torch": _version("torch"),
-        "opencv": _version("opencv-python-headless"),
-        "python": platform.python_version(),
-        "machine": platform.processor() or platform.machine(),
+        **host_info("numpy", "numba", "opencv-python-headless"),
     }
 
 

@@ -19,6 +19,7 @@ import time
 import numpy as np
 import torch
 
+from bench.host import host_info
 from facesynth.config import load_config
 from recog.train.config import TrainConfig
 from recog.train.loop import Learner
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
             ray.data.DataContext.get_current().enable_progress_bars = False
         result["ours_img_s"] = round(ours(args), 2)
         result["ratio"] = round(result["ours_img_s"] / result["plain_img_s"], 3)
+    result.update(host_info("torch", "ray"))
     print(json.dumps(result))
     return result
 

@@ -144,9 +144,15 @@ def _stage_plan(
     return plan
 
 
-def summary_markdown(root: str, results: dict[str, dict]) -> str:
-    """The demo's one-page summary: FR verification and the generated sets' quality."""
+def summary_markdown(root: str, results: dict[str, dict], earlier: tuple[str, ...] = ()) -> str:
+    """The demo's one-page summary: FR verification and the generated sets' quality.
+
+    ``earlier`` names the results that come from an earlier run into the same folder.
+    """
     lines = ["# facesynth quickstart", "", f"Everything below lives under `{root}`.", ""]
+    if earlier:
+        names = ", ".join(f"`{key}`" for key in earlier)
+        lines += [f"Not rerun this time (results of an earlier run, from `demo.json`): {names}.", ""]
     ev = results.get("evaluate")
     if ev:
         lines += [
@@ -203,8 +209,20 @@ def shared_ray(configs: list[tuple[str, Callable, BaseModel]]) -> RayConfig:
     return RayConfig(num_cpus=None if not wanted or None in wanted else max(wanted))
 
 
+def with_earlier_results(root: str, results: dict[str, dict]) -> tuple[dict[str, dict], tuple[str, ...]]:
+    """``results`` on top of those an earlier demo run left in ``root/demo.json``, and the keys kept from it.
+
+    A run of a few stages then still reports the whole chain in ``summary.md``.
+    """
+    path = storage.join(root, "demo.json")
+    earlier = json.loads(storage.read_bytes(path)) if storage.exists(path) else {}
+    kept = tuple(key for key in earlier if key not in results)
+    return {**earlier, **results}, kept
+
+
 def demo(cfg: DemoConfig) -> dict[str, dict]:
-    """Run the selected stages in order; returns each stage's result keyed by stage:output."""
+    """Run the selected stages in order; returns each stage's result keyed by stage:output (with those of
+    stages an earlier run into the same folder ran and this one did not)."""
     configs = plan_configs(cfg)
     init_ray(shared_ray(configs))
     results: dict[str, dict] = {}
@@ -215,8 +233,12 @@ def demo(cfg: DemoConfig) -> dict[str, dict]:
         key = name if name not in ("generate", "quality") else f"{name}:{job_cfg.output}"
         results[key] = out if isinstance(out, dict) else {"result": str(out)}
         print(f"=== {name} done in {time.perf_counter() - start:.0f} s ===", flush=True)
-    text = summary_markdown(cfg.output, results)
+    results, earlier = with_earlier_results(cfg.output, results)
+    text = summary_markdown(cfg.output, results, earlier)
     storage.write_bytes(storage.join(cfg.output, "summary.md"), text.encode())
+    storage.write_bytes(
+        storage.join(cfg.output, "demo.json"), json.dumps(results, indent=1, default=str).encode()
+    )
     print("\n" + text)
     return results
 
@@ -224,12 +246,9 @@ def demo(cfg: DemoConfig) -> dict[str, dict]:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_job_args(DemoConfig, argv, __doc__)
     try:
-        results = demo(cfg)
+        demo(cfg)
     except ConfigError as exc:
         raise SystemExit(f"error: {exc}") from None
-    storage.write_bytes(
-        storage.join(cfg.output, "demo.json"), json.dumps(results, indent=1, default=str).encode()
-    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 
 import pytest
@@ -63,3 +64,27 @@ def test_demo_plans_every_stage_under_one_root(tmp_path):
     assert by_name["train_uiface"].ray.num_cpus == 3 and shared_ray(planned).num_cpus == 3
     with pytest.raises(ConfigError, match="unknown"):
         plan_configs(DemoConfig(output=root, stages=["render", "paint"]))
+
+
+def test_demo_summary_keeps_stages_an_earlier_run_left(tmp_path):
+    from jobs.demo import summary_markdown, with_earlier_results
+
+    root = str(tmp_path / "q")
+    evaluate = {"sets": {"lfw-like": {"accuracy": 0.9123, "std": 0.01}}}
+    quality = {
+        "identity_consistency": {"mean": 0.72, "chance": 0.59},
+        "intra_class_diversity": {"mean": 0.63},
+        "leakage": {"flagged": [3], "identities_checked": 16, "threshold": 0.927},
+    }
+    assert with_earlier_results(root, {"evaluate": evaluate}) == ({"evaluate": evaluate}, ())
+    os.makedirs(root)
+    with open(os.path.join(root, "demo.json"), "w") as f:
+        json.dump({"evaluate": evaluate, "quality:old": {"stale": True}}, f)
+    key = f"quality:{root}/quality-adaptive"
+    merged, earlier = with_earlier_results(root, {key: quality, "quality:old": quality})
+    assert merged == {"evaluate": evaluate, "quality:old": quality, key: quality} and earlier == ("evaluate",)
+    text = summary_markdown(root, merged, earlier)
+    assert "| lfw-like | 91.23% | 1.00% |" in text
+    assert "| two-stage (adaptive t0) | 0.720 | 0.590 | 0.630 | 1 of 16 (cosine > 0.927) |" in text
+    assert "earlier run" in text and "`evaluate`" in text
+    assert "earlier run" not in summary_markdown(root, merged)
