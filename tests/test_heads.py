@@ -254,7 +254,10 @@ def _distributed_worker(rank, world_size, init_file, inputs, results):
         x = emb[rows].clone().requires_grad_(True)
         loss = head(x, labels[rows]).loss
         loss.backward()
-        out[name] = (head.class_start, head.num_local, loss.detach(), x.grad, head.weight.grad)
+        grads = (loss.detach(), x.grad, head.weight.grad)
+        # numpy copies travel by value; queued tensors share memory through this process, which may
+        # have exited by the time the parent reads them (EOFError)
+        out[name] = (head.class_start, head.num_local, *(t.numpy().copy() for t in grads))
     results.put((rank, out))
     torch.distributed.destroy_process_group()
 
@@ -285,7 +288,8 @@ def test_two_ranks_match_a_single_full_head(tmp_path):
         loss.backward()
         assert [got[r][name][:2] for r in range(2)] == [(0, 4), (4, 3)]
         for r in range(2):
-            start, n, rank_loss, x_grad, w_grad = got[r][name]
+            start, n, *got_grads = got[r][name]
+            rank_loss, x_grad, w_grad = (torch.from_numpy(g) for g in got_grads)
             torch.testing.assert_close(rank_loss, loss.detach())
             torch.testing.assert_close(x_grad, x.grad[r * 3 : r * 3 + 3])
             torch.testing.assert_close(w_grad, head.weight.grad[start : start + n])
