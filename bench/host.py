@@ -44,9 +44,9 @@ def python_loop_ns(iterations: int = 2_000_000) -> float:
 
 
 def host_info(*packages: str) -> dict:
-    """The machine and the versions of ``packages`` (None where not installed), as JSON-ready fields."""
+    """The machine, and under ``versions`` those of ``packages`` (None where not installed), as JSON-ready fields."""
     cpuinfo = Path("/proc/cpuinfo")
-    cpu = cpu_from_cpuinfo(cpuinfo.read_text()) if cpuinfo.exists() else cpu_from_cpuinfo("")
+    cpu = cpu_from_cpuinfo(cpuinfo.read_text() if cpuinfo.exists() else "")
     versions = {}
     for package in packages:
         try:
@@ -60,5 +60,5 @@ def host_info(*packages: str) -> dict:
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "python_loop_ns": python_loop_ns(),
         "python": platform.python_version(),
-        **versions,
+        "versions": versions,  # nested: a package name must not clobber a bench's own field ("ray")
     }

@@ -23,5 +23,11 @@ def test_cpuinfo_gives_first_core_model_clock_and_widest_vector_extension():
 def test_host_info_names_the_machine_and_package_versions():
     info = host_info("numpy", "no-such-package-facesynth")
     assert info["cpu_model"] and info["cpu_count"] >= 1
-    assert info["numpy"].count(".") >= 1 and info["no-such-package-facesynth"] is None
+    versions = info["versions"]
+    assert versions["numpy"].count(".") >= 1 and versions["no-such-package-facesynth"] is None
     assert 0 < info["python_loop_ns"] < 10_000
+
+
+def test_package_versions_never_clobber_a_bench_field():
+    result = {"ray": {"images_per_s": 3.5}, **host_info("ray")}
+    assert result["ray"] == {"images_per_s": 3.5} and set(result["versions"]) == {"ray"}

@@ -255,9 +255,9 @@ def _distributed_worker(rank, world_size, init_file, inputs, results):
         loss = head(x, labels[rows]).loss
         loss.backward()
         grads = (loss.detach(), x.grad, head.weight.grad)
-        # numpy copies travel by value; queued tensors share memory through this process, which may
+        # numpy arrays are pickled by value; queued tensors share memory through this process, which may
         # have exited by the time the parent reads them (EOFError)
-        out[name] = (head.class_start, head.num_local, *(t.numpy().copy() for t in grads))
+        out[name] = (head.class_start, head.num_local, *(t.numpy() for t in grads))
     results.put((rank, out))
     torch.distributed.destroy_process_group()
 
