@@ -20,10 +20,11 @@ import numpy as np
 import torch
 
 from bench.host import host_info
-from facesynth.face_model import load_face_model
+from facesynth.embed import EmbedPool, embed_with_ray
+from facesynth.face_model import EmbeddedImages, load_face_model
 from recog.backbones import build_backbone
 from recog.export import export_embedder
-from recog.verification import EmbeddedImages, EmbedPool, embed_with_ray, verify_embeddings
+from recog.verification import verify_embeddings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,4 +1,5 @@
-"""UIFace generation throughput: the Ray Data pipeline (``run_ray``) vs a plain loop (``run_plain``).
+"""Generation throughput. UIFace: the Ray Data pipeline (``run_ray``) vs a plain loop (``run_plain``);
+SD + LoRA (``--generator sd-lora``): our generator vs a plain diffusers pipeline loop at equal batch.
 
 Both paths run the same UIFace sampler, batch size and work units end to end (model build, sampling, PNG
 encode, shard write, manifest commit) and print one JSON object. On CUDA it also reports UNet model-FLOPs
@@ -7,6 +8,16 @@ image (counted on a real sampling call) x images/s / peak FLOP/s.
 
     python -m bench.generate_throughput                      # CPU: tiny preset, 10 DDIM steps
     python -m bench.generate_throughput --preset uiface-casia --device cuda --steps 50 --batch 64 --images 1024
+
+SD + LoRA, random weights with a random rank-4 LoRA (``--arch tiny``: diffusers' SD 2 test shapes at 32 px;
+``--arch sd21``: the SD 2.1-base architecture at 512 px). The plain loop is what a diffusers user writes:
+``from_pretrained`` + ``load_lora_weights`` (unfused), then ``pipe(prompts, generator=...)`` per batch. Ours is
+``SDLoraGenerator.generate`` over the same prompts and batch (one generator per row), and the whole stage
+(``run_plain``: also PNG encode and shard writes). On CUDA ours adds what pays there: fp16, LoRA fused into
+the weights, channels-last UNet and ``torch.compile`` (``--no-compile`` to leave it out).
+
+    python -m bench.generate_throughput --generator sd-lora                  # CPU: tiny, 10 DDIM steps, CFG 5
+    python -m bench.generate_throughput --generator sd-lora --arch sd21 --device cuda --steps 50 --batch 16 --images 128
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +34,8 @@ import torch
 
 from bench.host import host_info
 from facesynth.runtime import RayConfig, init_ray
-from jobs.generate import GenerateConfig, prepare
-from synthgen.stage import StageConfig, StageResult, run_plain, run_ray
-from synthgen.uiface.generator import IdentitiesConfig, UIFaceFactory, UIFaceGenerator
+from synthgen import generate
+from synthgen.stage import Generator, StageConfig, StageResult, UnitPlan, run_plain, run_ray
 from synthgen.uiface.model import UIFaceModel
 from synthgen.uiface.sampler import SamplerConfig, sample
 from synthgen.uiface.train import UIFaceModelSource
@@ -32,6 +43,15 @@ from synthgen.uiface.train import UIFaceModelSource
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--generator", default="uiface", choices=["uiface", "sd-lora"])
+    p.add_argument(
+        "--arch", default="tiny", choices=["tiny", "sd21"], help="sd-lora: random-weight architecture"
+    )
+    p.add_argument(
+        "--guidance", type=float, default=None, help="sd-lora CFG scale (default 5 tiny, 7.5 sd21)"
+    )
+    p.add_argument("--no-compile", action="store_true", help="sd-lora on cuda: no torch.compile of the UNet")
+    p.add_argument("--repeats", type=int, default=3, help="sd-lora: interleaved timings of each (best kept)")
     p.add_argument("--preset", default="tiny", help="UIFace architecture preset (random weights)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument(
@@ -58,15 +78,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def bench_config(args: argparse.Namespace, output: str) -> GenerateConfig:
+def bench_config(args: argparse.Namespace, output: str) -> generate.GenerateJob:
     cuda = args.device == "cuda"
-    return GenerateConfig(
-        model=UIFaceModelSource(preset=args.preset),
-        sampler=SamplerConfig(mode=args.mode, steps=args.steps),
-        identities=IdentitiesConfig(
+    return generate.GenerateJob(
+        generator=generate.UIFaceSpec(
+            model=UIFaceModelSource(preset=args.preset),
+            sampler=SamplerConfig(mode=args.mode, steps=args.steps),
+            device=args.device,
+            dtype=args.dtype or ("bfloat16" if cuda else "float32"),
+            threads=args.threads if args.threads is not None or cuda else 1,
+        ),
+        identities=UnitPlan(
             count=args.images // args.samples_per_identity,
             samples_per_identity=args.samples_per_identity,
-            identities_per_unit=args.batch // args.samples_per_identity,
+            per_unit=args.batch // args.samples_per_identity,
         ),
         stage=StageConfig(
             batch_size=args.batch,
@@ -77,9 +102,6 @@ def bench_config(args: argparse.Namespace, output: str) -> GenerateConfig:
             encoders_cpus=0.5,
         ),
         output=output,
-        device=args.device,
-        dtype=args.dtype or ("bfloat16" if cuda else "float32"),
-        threads=args.threads if args.threads is not None or cuda else 1,
     )
 
 
@@ -87,21 +109,26 @@ def bench_config(args: argparse.Namespace, output: str) -> GenerateConfig:
 class TimedFactory:
     """Builds the generator and records when it was ready (wall clock) in ``stamp``, also inside actors."""
 
-    factory: UIFaceFactory
+    factory: Callable[[], Generator]
     stamp: str
 
-    def __call__(self) -> UIFaceGenerator:
+    def __call__(self) -> Generator:
         gen = self.factory()
         Path(self.stamp).write_text(repr(time.time()))
         return gen
 
 
-def timed_run(runner, plan, output: str, stage: StageConfig) -> dict:
+def timed_run(runner, plan: generate.GeneratePlan, output: str, job: generate.GenerateJob) -> dict:
     """Run one path; images/s end to end and from the moment the generator was built to the last commit."""
     stamp = f"{output}.ready"
     began = time.time()
     res: StageResult = runner(
-        plan.units, TimedFactory(plan.factory, stamp), output, base_seed=plan.base_seed, cfg=stage
+        plan.units,
+        TimedFactory(plan.factory, stamp),
+        output,
+        base_seed=job.seed,
+        cfg=job.stage,
+        settings=plan.settings,
     )
     ready = float(Path(stamp).read_text())
     return {
@@ -146,9 +173,11 @@ def run(args: argparse.Namespace, root: str) -> dict:
     paths = {}
     for name, runner in (("plain", run_plain), ("ray", run_ray)):
         output = str(Path(root, name))
-        paths[name] = timed_run(runner, prepare(cfg.model_copy(update={"output": output})), output, cfg.stage)
-    model = cfg.model.build(args.device).to(getattr(torch, cfg.dtype))
-    flops = unet_flops_per_row(model, min(args.batch, 8)) * unet_rows_per_image(model, cfg.sampler, 2)
+        job = cfg.model_copy(update={"output": output})
+        paths[name] = timed_run(runner, generate.plan(job), output, job)
+    gen = cfg.generator
+    model = gen.model.build(args.device).to(getattr(torch, gen.dtype))
+    flops = unet_flops_per_row(model, min(args.batch, 8)) * unet_rows_per_image(model, gen.sampler, 2)
     for name, res in paths.items():
         gpus = args.actors if name == "ray" else 1
         for key in ("images_per_s", "images_per_s_after_startup"):
@@ -163,11 +192,11 @@ def run(args: argparse.Namespace, root: str) -> dict:
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "preset": args.preset,
         "mode": args.mode,
-        "scheduler": cfg.sampler.scheduler,
+        "scheduler": gen.sampler.scheduler,
         "steps": args.steps,
         "batch": args.batch,
-        "dtype": cfg.dtype,
-        "threads_per_generator": cfg.threads,
+        "dtype": gen.dtype,
+        "threads_per_generator": gen.threads,
         "actors": args.actors,
         "unet_gflops_per_image": round(flops / 1e9, 3),
         "plain": plain,
@@ -180,13 +209,160 @@ def run(args: argparse.Namespace, root: str) -> dict:
     }
 
 
+def sd_lora_setup(args: argparse.Namespace, root: str) -> dict:
+    """A random-weight base pipeline folder, a random LoRA folder and our generator's factory."""
+    from synthgen.sd_lora.checkpoint import (
+        SD21_BASE,
+        PipelineSource,
+        TinyPipeline,
+        load_pipeline,
+        save_tiny_pipeline,
+    )
+    from synthgen.sd_lora.generator import SDLoraFactory, SDSampling
+    from synthgen.sd_lora.lora import LoraSettings, add_adapters, save_lora
+    from synthgen.sd_lora.prompts import load_prompt_set
+
+    arch = TinyPipeline(**(SD21_BASE if args.arch == "sd21" else {}))
+    base = save_tiny_pipeline(arch, str(Path(root, "base")))
+    pipe = load_pipeline(base)
+    add_adapters(pipe, LoraSettings())
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.01)  # a trained-looking LoRA (B = 0 at init)
+    lora = save_lora(pipe, str(Path(root, "lora")), {})
+    del pipe
+    cuda = args.device == "cuda"
+    sampling = SDSampling(
+        steps=args.steps,
+        guidance_scale=args.guidance if args.guidance is not None else (7.5 if args.arch == "sd21" else 5.0),
+        scheduler="ddim",
+        resolution=arch.image_size,
+    )
+    factory = SDLoraFactory(
+        base=PipelineSource(path=base),
+        lora=lora,
+        prompts=load_prompt_set("cross-domain").model_copy(
+            update={"images_per_template": args.images}
+        ),  # enough
+        sampling=sampling,
+        device=args.device,
+        dtype=args.dtype or ("float16" if cuda else "float32"),
+        threads=args.threads if args.threads is not None or cuda else 1,
+        fuse_lora=cuda,
+        channels_last=cuda,
+        compile=cuda and not args.no_compile,
+    )
+    return {"base": base, "lora": lora, "factory": factory, "sampling": sampling}
+
+
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _images_per_s(call, batches: list, device: str) -> float:
+    """Images/s of ``call(batch)`` over ``batches`` after one warm-up call (compilation, allocator)."""
+    call(batches[0])
+    _synchronize(device)
+    start = time.perf_counter()
+    for batch in batches:
+        call(batch)
+    _synchronize(device)
+    return sum(len(b[0]) for b in batches) / (time.perf_counter() - start)
+
+
+def run_sd_lora(args: argparse.Namespace, root: str) -> dict:
+    """Ours (generator calls; the whole stage) vs the plain diffusers loop, same prompts, batch and steps."""
+    import numpy as np
+
+    from facesynth import shards
+    from synthgen.sd_lora.checkpoint import load_pipeline
+
+    setup = sd_lora_setup(args, root)
+    factory, sampling = setup["factory"], setup["sampling"]
+    people = len(factory.prompts.people)
+    ids = np.arange(args.images) % people
+    samples = np.arange(args.images) // people % factory.prompts.samples_per_person
+    seeds = shards.row_seeds(0, ids, samples)
+    batches = [
+        (ids[i : i + args.batch], samples[i : i + args.batch], seeds[i : i + args.batch])
+        for i in range(0, args.images, args.batch)
+    ]
+    if args.threads is not None or args.device == "cpu":
+        torch.set_num_threads(factory.threads or 1)
+    plain = load_pipeline(setup["base"], dtype=factory.dtype)
+    plain.load_lora_weights(setup["lora"])
+    plain.to(args.device)
+    ours = factory()
+    prompts = {id(b): [t for _, _, t in ours.rows(b[0], b[1])] for b in batches}
+
+    def plain_call(batch) -> None:
+        plain(
+            prompts[id(batch)],
+            generator=torch.Generator().manual_seed(int(batch[2][0])),
+            num_inference_steps=sampling.steps,
+            guidance_scale=sampling.guidance_scale,
+            height=sampling.resolution,
+            width=sampling.resolution,
+            output_type="np",
+        )
+
+    best = {"plain": 0.0, "ours": 0.0}
+    for _ in range(args.repeats):  # interleaved, best of each: the box is shared, load comes and goes
+        best["plain"] = max(best["plain"], _images_per_s(plain_call, batches, args.device))
+        best["ours"] = max(best["ours"], _images_per_s(lambda b: ours.generate(*b), batches, args.device))
+    result = {f"{k}_images_per_s": round(v, 3) for k, v in best.items()}
+    plain = ours = None  # free them before the stage run
+    per_person = max(1, args.images // (people * args.batch)) * args.batch  # whole batches per unit
+    job_units = shards.plan_units(people, per_person, 1)
+    stamp = str(Path(root, "stage.ready"))
+    began = time.time()
+    stage = run_plain(
+        job_units,
+        TimedFactory(factory, stamp),
+        str(Path(root, "stage")),
+        base_seed=0,
+        cfg=StageConfig(batch_size=args.batch, commit_every_s=0),
+        settings={"bench": "sd-lora"},
+    )
+    ready = float(Path(stamp).read_text())
+    result["ours_stage_images_per_s"] = round(stage.images_per_s, 3)
+    result["ours_stage_images_per_s_after_load"] = round(stage.images / (began + stage.seconds - ready), 3)
+    return {
+        "bench": "generate_throughput",
+        "generator": "sd-lora",
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "arch": args.arch,
+        "resolution": sampling.resolution,
+        "steps": sampling.steps,
+        "guidance_scale": sampling.guidance_scale,
+        "batch": args.batch,
+        "images": args.images,
+        "repeats": args.repeats,
+        "dtype": factory.dtype,
+        "ours_options": {
+            "fuse_lora": factory.fuse_lora,
+            "channels_last": factory.channels_last,
+            "compile": factory.compile,
+        },
+        **result,
+        "ours_over_plain": round(result["ours_images_per_s"] / result["plain_images_per_s"], 3),
+        "stage_after_load_over_plain": round(
+            result["ours_stage_images_per_s_after_load"] / result["plain_images_per_s"], 3
+        ),
+        **host_info("torch", "diffusers", "peft"),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    bench = run_sd_lora if args.generator == "sd-lora" else run
     if args.output:
-        print(json.dumps(run(args, args.output), indent=1))
+        print(json.dumps(bench(args, args.output), indent=1))
         return
     with tempfile.TemporaryDirectory() as root:
-        print(json.dumps(run(args, root), indent=1))
+        print(json.dumps(bench(args, root), indent=1))
 
 
 if __name__ == "__main__":

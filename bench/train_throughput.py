@@ -21,7 +21,7 @@ import torch
 
 from bench.host import host_info
 from facesynth.config import load_config
-from recog.train.config import TrainConfig
+from recog.train.config import TrainFRJob
 from recog.train.loop import Learner
 
 NUM_CLASSES = 1000
@@ -35,9 +35,9 @@ def synthetic_batch(batch: dict, size: int) -> dict:
     return {"image": images, "label": ids % NUM_CLASSES}
 
 
-def bench_config(args: argparse.Namespace) -> TrainConfig:
+def bench_config(args: argparse.Namespace) -> TrainFRJob:
     return load_config(
-        TrainConfig,
+        TrainFRJob,
         None,
         [
             "output=/tmp/unused",

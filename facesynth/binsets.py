@@ -1,4 +1,6 @@
-"""insightface verification sets (``lfw.bin``, ``cfp_fp.bin``, ...): a pickled ``(bins, issame_list)``.
+"""Verification sets: insightface ``.bin`` pair sets and IJB-C-style template set folders.
+
+A ``.bin`` (``lfw.bin``, ``cfp_fp.bin``, ...) is a pickled ``(bins, issame_list)``.
 
 ``bins`` holds 2·N encoded images with pairs consecutive (images 2i and 2i+1); ``issame_list`` holds
 N booleans. Files are read with a restricted unpickler that builds only bytes, lists, tuples, bools
@@ -11,11 +13,12 @@ import codecs
 import io
 import pickle
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+import pyarrow.parquet as pq
 
-from facesynth import storage
+from facesynth import images, storage
 
 # (module, name) pairs the unpickler may resolve; py2 pickles name builtins ``__builtin__``.
 _SAFE_GLOBALS = {
@@ -120,41 +123,48 @@ def read_bin(uri: str) -> tuple[list[bytes], np.ndarray]:
     return [_as_bytes(item, i, uri) for i, item in enumerate(bins)], flags
 
 
-def decode_rgb(data: bytes, what: str) -> np.ndarray:
-    """Decode an encoded image to uint8 RGB ``[H, W, 3]``, applying EXIF orientation like OpenCV.
-
-    ``what`` names the image in the error raised when the bytes are not a decodable image.
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"{what}: not a decodable image ({exc})") from exc
-
-
-def resize_short(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize so the shorter side is ``size`` (longer ``size*long//short``): mxnet ``resize_short``, cv2 area."""
-    import cv2  # optional (opencv-python-headless); only non-standard image sizes need it
-
-    h, w = image.shape[:2]
-    new_h, new_w = (size * h // w, size) if h > w else (size, size * w // h)
-    return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
-
-
 def decode_images(bins: Sequence[bytes], size: int = 112) -> np.ndarray:
-    """Decode verification images to uint8 RGB ``[N, size, size, 3]``.
+    """Decode verification images to uint8 RGB ``[N, size, size, 3]`` as insightface does: an image whose
+    width is not ``size`` is resized short-side to ``size``; one still not square raises a ValueError."""
+    return images.decode_to_size(bins, (size, size), resize="short_side", what="verification image")
 
-    As insightface: an image whose width is not ``size`` is resized short-side to ``size``; one that is
-    still not square (or fails to decode) raises a ValueError naming its index.
-    """
-    out = np.empty((len(bins), size, size, 3), dtype=np.uint8)
-    for i, data in enumerate(bins):
-        image = decode_rgb(data, f"verification image {i}")
-        if image.shape[1] != size:
-            image = resize_short(image, size)
-        if image.shape[:2] != (size, size):
-            raise ValueError(
-                f"verification image {i}: shape {image.shape[:2]} after resizing, expected ({size}, {size})"
+
+@dataclass(frozen=True)
+class TemplateSet:
+    """An IJB-C-style set as read back: per-image columns and the template pair list."""
+
+    images: list[bytes]
+    template_ids: np.ndarray
+    media_ids: np.ndarray
+    identities: np.ndarray
+    template_1: np.ndarray
+    template_2: np.ndarray
+    issame: np.ndarray
+
+
+def read_template_set(uri: str) -> TemplateSet:
+    """Read a template set folder (as ``synthgen.benchmark_sets`` writes it) (``templates.parquet`` + ``pairs.parquet``)."""
+    tables = {}
+    for part in ("templates", "pairs"):
+        part_uri = storage.join(uri, f"{part}.parquet")
+        if not storage.exists(part_uri):
+            raise FileNotFoundError(
+                f"{part_uri}: a template set folder holds templates.parquet and pairs.parquet"
             )
-        out[i] = image
-    return out
+        tables[part] = pq.read_table(io.BytesIO(storage.read_bytes(part_uri)))
+    images, pairs = tables["templates"], tables["pairs"]
+    known = set(images["template_id"].to_pylist())
+    missing = (set(pairs["template_1"].to_pylist()) | set(pairs["template_2"].to_pylist())) - known
+    if missing:
+        raise ValueError(
+            f"{uri}: pairs.parquet names templates {sorted(missing)[:5]} that templates.parquet lacks"
+        )
+    return TemplateSet(
+        images=images["image"].to_pylist(),
+        template_ids=images["template_id"].to_numpy(),
+        media_ids=images["media_id"].to_numpy(),
+        identities=images["identity"].to_numpy(),
+        template_1=pairs["template_1"].to_numpy(),
+        template_2=pairs["template_2"].to_numpy(),
+        issame=pairs["issame"].to_numpy(),
+    )

@@ -180,12 +180,22 @@ def embed_images(
 
 
 class FaceEmbedder:
-    """An exported model plus its ``model.json``: ``embed`` maps RGB uint8 NHWC images to unit rows."""
+    """An exported model plus its ``model.json``: ``embed`` maps RGB uint8 NHWC images to unit rows.
 
-    def __init__(self, spec: ModelSpec, forward: Callable[[torch.Tensor], np.ndarray], device: str = "cpu"):
+    Non-finite (NaN/inf) embeddings are an error naming the model (``uri``), never passed on.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        forward: Callable[[torch.Tensor], np.ndarray],
+        device: str = "cpu",
+        uri: str = "(in-memory model)",
+    ):
         self.spec = spec
         self.forward = forward
         self.device = device
+        self.uri = uri
 
     def embed_set(self, images: np.ndarray, batch_size: int = 256, flip: bool = True) -> EmbeddedImages:
         """Flip-fused, L2-normalised embeddings and XNorm (see :func:`embed_images`)."""
@@ -195,7 +205,7 @@ class FaceEmbedder:
                 f"images: got {images.shape[1]}x{images.shape[2]} pixels, the model expects "
                 f"{height}x{width} (model.json input_size); align and resize faces first"
             )
-        return embed_images(
+        embedded = embed_images(
             self._checked_forward,
             images,
             batch_size,
@@ -205,6 +215,13 @@ class FaceEmbedder:
             channel_order=self.spec.channel_order,
             flip_fusion=self.spec.flip_fusion,
         )
+        bad = int(np.count_nonzero(~np.isfinite(embedded.embeddings).all(axis=1)))
+        if bad:
+            raise ValueError(
+                f"{self.uri}: the model gave non-finite (NaN/inf) embeddings for {bad} of {len(images)} "
+                "images; the exported model is broken (diverged training, or a bad export)"
+            )
+        return embedded
 
     def embed(self, images: np.ndarray, batch_size: int = 256, flip: bool = True) -> np.ndarray:
         """(N, embedding_dim) flip-fused, L2-normalised embeddings of RGB uint8 (N, H, W, 3) images."""
@@ -274,4 +291,4 @@ def load_face_model(
     spec = read_spec(model_uri, overrides)
     data = storage.read_bytes(storage.join(model_uri, spec.file))
     loader = _torchscript_forward if spec.format == "torchscript" else _onnx_forward
-    return FaceEmbedder(spec, loader(data, device), device)
+    return FaceEmbedder(spec, loader(data, device), device, uri=model_uri)

@@ -1,10 +1,12 @@
-"""Shard datasets: deterministic work units -> parquet shards committed through the manifest.
+"""Shard datasets: deterministic work units -> parquet shards committed through the commit log.
 
-A dataset is a folder ``shards/part-{k:05d}.parquet`` + ``manifest.json`` + ``card.md``. Work
-unit ``k`` always writes ``shards/part-{k:05d}.parquet`` and, for a fixed seed, the same bytes.
-A shard file appears atomically (temporary file + rename locally, a single PUT on S3) and becomes
-part of the dataset only when its manifest entry (rows, sha256) is committed, so a killed job
-leaves nothing half-visible and a rerun skips the committed units.
+A dataset is a folder ``shards/part-{k:05d}.parquet`` + ``_log/`` (the commit log, see
+:mod:`facesynth.manifest`) + ``manifest.json`` (its derived summary) + ``card.md``. Work unit ``k``
+always writes ``shards/part-{k:05d}.parquet`` and, for a fixed seed, the same bytes. A shard file
+appears atomically (temporary file + rename locally, a single PUT on S3) and becomes part of the
+dataset only when a log record with its rows and sha256 is committed, so a killed job leaves nothing
+half-visible and a rerun skips the committed units. Readers stream the committed records in unit
+order (:func:`manifest.iter_committed`) and check every shard's sha256 as they read it.
 """
 
 from __future__ import annotations
@@ -12,18 +14,22 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
+import re
+import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from facesynth import manifest, storage
+from facesynth import manifest, storage, telemetry
+from facesynth.manifest import SHARD_DIR, shard_file
 
+log = logging.getLogger(__name__)
 DOMAINS = ("real", "render", "diffusion", "realism")
-SHARD_DIR = "shards"
 
 SCHEMA = pa.schema(
     [
@@ -109,10 +115,6 @@ def row_seeds(base_seed: int, identities: np.ndarray, samples: np.ndarray) -> np
     return (x >> np.uint64(1)).astype(np.int64)
 
 
-def shard_file(unit_index: int) -> str:
-    return f"{SHARD_DIR}/part-{unit_index:05d}.parquet"
-
-
 def to_table(rows: dict[str, Sequence]) -> pa.Table:
     """Build a shard table in the fixed schema (plus ``embedding`` when given); validates domain."""
     unknown = set(rows) - set(SCHEMA.names) - {"embedding"}
@@ -153,30 +155,79 @@ def _counts(table: pa.Table) -> dict:
     }
 
 
-def committed_files(dataset_uri: str) -> list[str]:
-    """URIs of the committed shards, in unit order; error if the dataset has none."""
-    m = manifest.load(dataset_uri)
-    if not m.shards:
-        raise FileNotFoundError(f"{dataset_uri}: no committed shards (no manifest.json or it is empty)")
-    return [storage.join(dataset_uri, m.shards[k]["file"]) for k in sorted(m.shards)]
+class CorruptShard(ValueError):
+    """A committed shard whose bytes are not the ones its manifest record hashed."""
 
 
-def read_dataset(dataset_uri: str, columns: list[str] | None = None, **read_kwargs):
-    """A Ray Dataset over the committed shards only (never stray or uncommitted files)."""
+@dataclass(frozen=True)
+class ShardRef:
+    """One committed shard: where it is and the sha256 and row count its manifest record pins."""
+
+    uri: str
+    unit: int
+    rows: int
+    sha256: str
+
+    def read_bytes(self) -> bytes:
+        """The shard's bytes, checked against the manifest's sha256 (:class:`CorruptShard` otherwise)."""
+        try:
+            data = storage.read_bytes(self.uri)
+        except FileNotFoundError as exc:
+            raise CorruptShard(f"{self.uri}: committed shard is missing; {_REPAIR}") from exc
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != self.sha256:
+            raise CorruptShard(
+                f"{self.uri}: sha256 {digest[:12]}... does not match the manifest's {self.sha256[:12]}... "
+                f"(damaged or replaced after it was committed); {_REPAIR}"
+            )
+        return data
+
+    def read(self, columns: Sequence[str] | None = None) -> pa.Table:
+        """The verified shard as a table (only ``columns`` when given)."""
+        return pq.read_table(io.BytesIO(self.read_bytes()), columns=list(columns) if columns else None)
+
+
+_REPAIR = "rerun the job that wrote the dataset with stage.verify_committed=true to rewrite it"
+
+
+def shard_ref(dataset_uri: str, unit: int, rec: dict) -> ShardRef:
+    """The :class:`ShardRef` of a committed ``(unit, record)``."""
+    return ShardRef(storage.join(dataset_uri, rec["file"]), unit, rec["rows"], rec["sha256"])
+
+
+def iter_shards(dataset_uri: str) -> Iterator[ShardRef]:
+    """The committed shards, in unit order, streamed from the commit log; error if the dataset has none."""
+    found = False
+    for unit, rec in manifest.iter_committed(dataset_uri):
+        found = True
+        yield shard_ref(dataset_uri, unit, rec)
+    if not found:
+        raise FileNotFoundError(f"{dataset_uri}: no committed shards (no commit log, or nothing committed)")
+
+
+def committed_shards(dataset_uri: str) -> list[ShardRef]:
+    """The committed shards, in unit order, as a list; error if the dataset has none."""
+    return list(iter_shards(dataset_uri))
+
+
+def read_dataset(dataset_uri: str, columns: list[str] | None = None):
+    """A Ray Dataset over the committed shards only, one block per shard, each verified against its sha256."""
     import ray.data
 
-    files = committed_files(dataset_uri)
-    fs, _ = storage.resolve(dataset_uri)
-    paths = [storage.parse(f).path for f in files]
-    ds = ray.data.read_parquet(paths, filesystem=fs, **read_kwargs)
-    return ds.select_columns(columns) if columns else ds
+    refs = committed_shards(dataset_uri)
+    return ray.data.from_items([asdict(ref) for ref in refs], override_num_blocks=len(refs)).map_batches(
+        _read_refs, fn_kwargs={"columns": columns}, batch_size=1, batch_format="pyarrow"
+    )
+
+
+def _read_refs(batch: pa.Table, columns: list[str] | None) -> pa.Table:
+    return pa.concat_tables([ShardRef(**row).read(columns) for row in batch.to_pylist()])
 
 
 def iter_tables(dataset_uri: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
-    """Committed shards as pyarrow tables, in unit order, without Ray."""
-    for uri in committed_files(dataset_uri):
-        with storage.open_input(uri) as f:
-            yield pq.read_table(f, columns=columns)
+    """Committed shards as verified pyarrow tables, in unit order, without Ray."""
+    for ref in iter_shards(dataset_uri):
+        yield ref.read(columns)
 
 
 def iter_rows(dataset_uri: str, columns: list[str] | None = None) -> Iterator[dict]:
@@ -186,57 +237,92 @@ def iter_rows(dataset_uri: str, columns: list[str] | None = None) -> Iterator[di
 
 
 def verify(dataset_uri: str) -> list[str]:
-    """Re-hash every committed shard against the manifest; returns the problems found (empty: OK)."""
-    m = manifest.load(dataset_uri)
-    if not m.shards:
+    """Re-hash every committed shard and recount its rows against its log record; returns the problems found."""
+    snap = manifest.snapshot(dataset_uri, missing_ok=False)
+    problems, count = [], 0
+    for _, rec in snap.records():
+        count += 1
+        problems += _shard_problems(dataset_uri, rec)
+    if not count:
         return [f"{dataset_uri}: no committed shards"]
-    problems = []
-    for unit in sorted(m.shards):
-        rec = m.shards[unit]
-        uri = storage.join(dataset_uri, rec["file"])
-        try:
-            data = storage.read_bytes(uri)
-        except FileNotFoundError:
-            problems.append(f"{rec['file']}: missing")
-            continue
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != rec["sha256"]:
-            problems.append(f"{rec['file']}: sha256 {digest} != manifest {rec['sha256']}")
-            continue
-        rows = pq.read_metadata(io.BytesIO(data)).num_rows
-        if rows != rec["rows"]:
-            problems.append(f"{rec['file']}: {rows} rows != manifest {rec['rows']}")
-    if m.units_total is not None and len(m.shards) != m.units_total:
-        problems.append(f"incomplete: {len(m.shards)} of {m.units_total} units committed")
+    if snap.units_total is not None and count != snap.units_total:
+        problems.append(f"incomplete: {count} of {snap.units_total} units committed")
     return problems
 
 
+def _shard_problems(dataset_uri: str, rec: dict) -> list[str]:
+    """What differs between one committed shard's file and its record (empty: nothing)."""
+    try:
+        data = storage.read_bytes(storage.join(dataset_uri, rec["file"]))
+    except FileNotFoundError:
+        return [f"{rec['file']}: missing"]
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != rec["sha256"]:
+        return [f"{rec['file']}: sha256 {digest} != manifest {rec['sha256']}"]
+    problems = []
+    table = pq.read_table(io.BytesIO(data), columns=["identity", "domain", "generator"])
+    if table.num_rows != rec["rows"]:
+        problems.append(f"{rec['file']}: {table.num_rows} rows != manifest {rec['rows']}")
+    elif _counts(table) != rec["counts"]:
+        problems.append(f"{rec['file']}: identity/domain/generator counts differ from the manifest's")
+    if len(data) != rec["bytes"]:
+        problems.append(f"{rec['file']}: {len(data)} bytes != manifest {rec['bytes']}")
+    return problems
+
+
+_OURS = re.compile(r"part-(\d{5,})\.parquet(\.tmp-[0-9a-f]{32})?")
+
+
+def damaged_units(dataset_uri: str, *, rehash: bool = False) -> list[int]:
+    """Committed units whose shard is missing or has another size (one listing); ``rehash``: or another sha256."""
+    sizes = storage.file_sizes(storage.join(dataset_uri, SHARD_DIR))
+    bad = []
+    for unit, rec in manifest.iter_committed(dataset_uri):
+        name = rec["file"].rsplit("/", 1)[-1]
+        if sizes.get(name) != rec["bytes"]:
+            bad.append(unit)
+        elif rehash:
+            try:
+                shard_ref(dataset_uri, unit, rec).read_bytes()
+            except CorruptShard:
+                bad.append(unit)
+    return bad
+
+
 def remove_uncommitted(dataset_uri: str) -> list[str]:
-    """Delete files under ``shards/`` that the manifest does not list (leftovers of killed writers)."""
-    m = manifest.load(dataset_uri)
-    keep = {storage.join(dataset_uri, rec["file"]) for rec in m.shards.values()}
-    stray = [f for f in storage.list_files(storage.join(dataset_uri, SHARD_DIR)) if f not in keep]
+    """Delete our own leftovers under ``shards/``: uncommitted ``part-*`` shards and their temporary files.
+
+    Files with any other name are never touched (they are not ours).
+    """
+    keep = {storage.join(dataset_uri, rec["file"]) for _, rec in manifest.iter_committed(dataset_uri)}
+    stray = [
+        f
+        for f in storage.list_files(storage.join(dataset_uri, SHARD_DIR))
+        if f not in keep and _OURS.fullmatch(f.rsplit("/", 1)[-1])
+    ]
     for f in stray:
         storage.delete(f)
     return stray
 
 
 def summary(dataset_uri: str) -> dict:
-    """Counts per domain/generator and images per identity, from the manifest alone."""
-    m = manifest.load(dataset_uri)
+    """Counts per domain/generator and images per identity, from the commit log alone (streamed)."""
+    snap = manifest.snapshot(dataset_uri, missing_ok=False)
     domain, generator, per_identity = Counter(), Counter(), Counter()
-    for rec in m.shards.values():
+    rows = nbytes = count = 0
+    for _, rec in snap.records():
         domain.update(rec["counts"]["domain"])
         generator.update(rec["counts"]["generator"])
         per_identity.update({int(k): v for k, v in rec["counts"]["per_identity"].items()})
+        rows, nbytes, count = rows + rec["rows"], nbytes + rec["bytes"], count + 1
     per = np.array(list(per_identity.values()) or [0])
     return {
         "uri": dataset_uri,
-        "rows": sum(rec["rows"] for rec in m.shards.values()),
-        "bytes": sum(rec["bytes"] for rec in m.shards.values()),
-        "shards": len(m.shards),
-        "units_total": m.units_total,
-        "complete": m.complete,
+        "rows": rows,
+        "bytes": nbytes,
+        "shards": count,
+        "units_total": snap.units_total,
+        "complete": count == snap.units_total,
         "identities": len(per_identity),
         "images_per_identity": {"min": int(per.min()), "mean": float(per.mean()), "max": int(per.max())},
         "domain": dict(domain),
@@ -291,3 +377,75 @@ def _json_default(o):
     if isinstance(o, np.ndarray):
         return o.tolist()
     raise TypeError(f"params value of type {type(o).__name__} is not JSON-serialisable")
+
+
+@dataclass
+class WriteResult:
+    """What one :func:`write_units` call did."""
+
+    committed_before: int
+    committed_now: int
+    units_total: int
+    images: int
+    seconds: float
+    rewritten: list[int]  # committed units found damaged and written again
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+def write_units(
+    dataset_uri: str,
+    plan: manifest.Plan,
+    units: Sequence[int],
+    produce: Callable[[list[int]], Iterable[dict]],
+    *,
+    commit_every_s: float = 2.0,
+    rehash_committed: bool = False,
+    desc: str = "write",
+) -> WriteResult:
+    """The skip/commit loop every dataset writer shares.
+
+    Claims ``dataset_uri`` for ``plan`` (refusing another plan or a foreign folder), drops committed
+    units whose shard is missing, resized or (``rehash_committed``) rehashed differently, hands the
+    uncommitted ``units`` to ``produce``, commits the shard records it yields in batches at most every
+    ``commit_every_s`` (one log record each; a kill loses at most those), removes our own uncommitted
+    leftovers and refreshes the ``manifest.json`` summary.
+    """
+    from tqdm import tqdm
+
+    if len(units) != plan.units_total:
+        raise ValueError(f"{dataset_uri}: {len(units)} units given for a plan of {plan.units_total}")
+    writer = manifest.claim(dataset_uri, plan)
+    rewritten = damaged_units(dataset_uri, rehash=rehash_committed) if writer.committed else []
+    if rewritten:
+        log.warning("%s: units %s damaged, writing them again", dataset_uri, rewritten[:20])
+        writer.uncommit(rewritten)
+    committed = len(writer.committed)
+    pending = [u for u in units if u not in writer.committed]
+    log.info("%s: %d units committed, %d to write", dataset_uri, committed, len(pending))
+    batch: list[dict] = []
+    done = images = 0
+    last = start = time.monotonic()
+    with tqdm(total=len(pending), unit="shard", desc=f"{desc} -> {dataset_uri}", mininterval=2) as bar:
+        for record in produce(pending) if pending else ():
+            batch.append(record)
+            images += record["rows"]
+            bar.update(1)
+            if time.monotonic() - last >= commit_every_s:
+                done += _commit(writer, batch)
+                batch, last = [], time.monotonic()
+        done += _commit(writer, batch)
+    stray = remove_uncommitted(dataset_uri)
+    if stray:
+        log.info("%s: removed %d uncommitted leftovers of earlier runs", dataset_uri, len(stray))
+    writer.publish()
+    return WriteResult(committed, done, len(units), images, time.monotonic() - start, rewritten)
+
+
+def _commit(writer: manifest.LogWriter, records: list[dict]) -> int:
+    if records:
+        writer.commit(records)
+        telemetry.inc("facesynth_shards_committed", len(records), "shards committed to the commit log")
+    return len(records)

@@ -2,19 +2,22 @@
 
 S3 settings come from the standard AWS variables (``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3``,
 ``AWS_REGION``/``AWS_DEFAULT_REGION``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
-``AWS_SESSION_TOKEN``). boto3 is used only where pyarrow cannot: conditional writes and listing.
+``AWS_SESSION_TOKEN``). boto3 is used only where pyarrow cannot: create-only writes (the commit
+log's records) and one-request reads and existence checks of small objects that often miss.
 Transient S3 errors are retried with exponential backoff by both clients and by :func:`retry`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import random
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urlparse
@@ -106,32 +109,46 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
 
 
 def boto3_client():
-    """A boto3 S3 client with the same endpoint/credentials and standard-mode retries."""
+    """A boto3 S3 client with the same endpoint/credentials and standard-mode retries (one per process)."""
+    with _BOTO3_LOCK:  # clients are thread-safe, creating one is not
+        return _boto3_client(*s3_settings().values())
+
+
+_BOTO3_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=8)
+def _boto3_client(endpoint, region, access_key, secret_key, session_token):
     import boto3
     from botocore.config import Config
 
-    s = s3_settings()
     return boto3.client(
         "s3",
-        endpoint_url=s["endpoint"],
-        region_name=s["region"],
-        aws_access_key_id=s["access_key"],
-        aws_secret_access_key=s["secret_key"],
-        aws_session_token=s["session_token"],
+        endpoint_url=endpoint,
+        region_name=region,
+        aws_access_key_id=access_key,
+        aws_secret_access_key=secret_key,
+        aws_session_token=session_token,
         config=Config(retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"}),
     )
 
 
+def http_status(exc: BaseException) -> int | None:
+    """The HTTP status of a botocore ``ClientError`` (None for other errors)."""
+    response = getattr(exc, "response", None)
+    return response.get("ResponseMetadata", {}).get("HTTPStatusCode") if isinstance(response, dict) else None
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for errors worth retrying: 5xx/throttling answers and dropped connections."""
-    response = getattr(exc, "response", None)  # botocore ClientError
-    code = response.get("ResponseMetadata", {}).get("HTTPStatusCode") if isinstance(response, dict) else None
+    code = http_status(exc)
     if code is not None:
         return code >= 500 or code == 429
     text = str(exc)
     markers = (
         "SlowDown",
         "InternalError",
+        "INTERNAL_FAILURE",  # AWS C++ SDK (pyarrow): a response stream cut off mid-read
         "ServiceUnavailable",
         "503",
         "500",
@@ -198,6 +215,44 @@ def read_bytes(uri: str) -> bytes:
         raise
 
 
+def get_object(uri: str) -> bytes | None:
+    """A whole object in one request (a GET on S3, without pyarrow's HEAD first), or None if there is none.
+
+    For small reads that often miss, like commit-log records and their probes; :func:`read_bytes`
+    is for data, where a missing object is an error.
+    """
+    loc = parse(uri)
+    if loc.scheme != "s3":
+        try:
+            with open(loc.path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+    client = boto3_client()
+    bucket, key = loc.bucket_key
+    try:
+        return retry(lambda: client.get_object(Bucket=bucket, Key=key)["Body"].read(), what=f"read {uri}")
+    except client.exceptions.NoSuchKey:
+        return None
+
+
+def has_object(uri: str) -> bool:
+    """Whether the object ``uri`` exists: one HEAD on S3 (:func:`exists` also lists, to find folders)."""
+    loc = parse(uri)
+    if loc.scheme != "s3":
+        return os.path.isfile(loc.path)
+    from botocore.exceptions import ClientError
+
+    bucket, key = loc.bucket_key
+    try:
+        retry(lambda: boto3_client().head_object(Bucket=bucket, Key=key), what=f"stat {uri}")
+        return True
+    except ClientError as exc:
+        if http_status(exc) == 404:
+            return False
+        raise
+
+
 def open_input(uri: str):
     """A readable, seekable binary file object for ``uri`` (a context manager)."""
     fs, path = resolve(uri)
@@ -220,6 +275,13 @@ def write_bytes(uri: str, data: bytes) -> None:
 
         retry(put, what=f"write {uri}")
         return
+    with _temp_copy(path, data) as tmp:
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _temp_copy(path: str, data: bytes) -> Iterator[str]:
+    """A synced temporary file holding ``data`` next to ``path``; removed afterwards unless renamed."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     try:
@@ -227,10 +289,57 @@ def write_bytes(uri: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        yield tmp
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def create_only(uri: str, data: bytes) -> bool:
+    """Create ``uri`` with ``data`` unless it exists: True if this call created it, False if it was there.
+
+    Two writers can never both create one name, and a reader sees the whole object or none. On S3 a
+    ``PUT`` with ``If-None-Match: *`` (412 when the key exists, 409 on a concurrent conditional write:
+    both mean taken). Locally the bytes go to a temporary file first that is then hard-linked to the
+    name (``link`` fails if the name exists). A retried write that finds its own bytes there (its first
+    attempt landed but the answer was lost) counts as created.
+    """
+    loc = parse(uri)
+    if loc.scheme == "s3":
+        created = _s3_create_only(loc, data)
+    else:
+        created = _local_create_only(loc.path, data)
+    return created or _holds(uri, data)
+
+
+def _s3_create_only(loc: Location, data: bytes) -> bool:
+    from botocore.exceptions import ClientError
+
+    bucket, key = loc.bucket_key
+    client = boto3_client()
+    try:
+        retry(
+            lambda: client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*"),
+            what=f"create {loc.uri}",
+        )
+        return True
+    except ClientError as exc:
+        if http_status(exc) in (409, 412):
+            return False
+        raise
+
+
+def _local_create_only(path: str, data: bytes) -> bool:
+    with _temp_copy(path, data) as tmp:
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+
+
+def _holds(uri: str, data: bytes) -> bool:
+    return get_object(uri) == data  # None: a 409 race whose winner failed, the name is still free
 
 
 def delete(uri: str) -> None:
@@ -242,10 +351,23 @@ def delete(uri: str) -> None:
         pass
 
 
-def list_files(uri: str) -> list[str]:
-    """URIs of the files directly under the folder ``uri`` (sorted); empty if it does not exist."""
+def _list(uri: str) -> list[pafs.FileInfo]:
     fs, path = resolve(uri)
     selector = pafs.FileSelector(path, allow_not_found=True, recursive=False)
-    infos = retry(lambda: fs.get_file_info(selector), what=f"list {uri}")
+    return retry(lambda: fs.get_file_info(selector), what=f"list {uri}")
+
+
+def list_files(uri: str) -> list[str]:
+    """URIs of the files directly under the folder ``uri`` (sorted); empty if it does not exist."""
     base = uri.rstrip("/")
-    return sorted(f"{base}/{i.base_name}" for i in infos if i.type == pafs.FileType.File)
+    return sorted(f"{base}/{i.base_name}" for i in _list(uri) if i.type == pafs.FileType.File)
+
+
+def file_sizes(uri: str) -> dict[str, int]:
+    """``{name: bytes}`` of the files directly under the folder ``uri`` (one listing)."""
+    return {i.base_name: i.size for i in _list(uri) if i.type == pafs.FileType.File}
+
+
+def list_entries(uri: str) -> list[str]:
+    """Names of everything (files and folders) directly under ``uri``; empty if it does not exist."""
+    return sorted(i.base_name for i in _list(uri))

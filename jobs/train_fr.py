@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
-from facesynth.config import parse_job_args
-from recog.train.config import TrainConfig
-from recog.train.trainer import train_fr
+from facesynth.jobmain import job_main
 
 
-def main(argv: list[str] | None = None) -> None:
-    cfg = parse_job_args(TrainConfig, argv, __doc__, default="train-fr-quickstart")
-    result = train_fr(cfg)
-    print(json.dumps(result.summary(), indent=2))
+def main(argv: list[str] | None = None) -> int:
+    return job_main("train_fr", argv)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

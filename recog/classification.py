@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from facesynth import report
+
 
 @dataclass(frozen=True)
 class ClassificationMetrics:
@@ -156,9 +158,7 @@ def markdown_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str] 
             return "–" if np.isnan(value) else f"{100 * value:.2f}%"
         return str(value)
 
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(c, row.get(c, "")) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
+    return report.markdown_table(columns, ([cell(c, row.get(c, "")) for c in columns] for row in rows))
 
 
 def render_experiments(experiments: Sequence[Experiment]) -> str:

@@ -8,6 +8,9 @@
   units.
 - Predictions: a closed-set classifier exported by ``recog.train`` (``classifier.json`` + TorchScript
   ``model.pt``) gives softmax probabilities; the predicted identity is the arg-max class's identity.
+- The job (:class:`CrossDomainJob`, :func:`run`): checks both datasets, splits them, trains the real,
+  synthetic and combined classifiers through ``recog.train`` (a finished training is reused) and tests
+  each on both test splits.
 - Report: the study's "Training → Testing | Accuracy | Key Finding" table, then accuracy, F1 and
   confidence per experiment with per-person and per-prompt breakdowns (``recog.classification``)
   and the confusion matrices.
@@ -17,19 +20,45 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+from pydantic import Field
 
-from facesynth import manifest, shards, storage
-from facesynth.binsets import decode_rgb
-from recog.classification import Experiment, classification_metrics, per_class_table, per_group_table
+from facesynth import images, manifest, shards, storage
+from facesynth.config import OutputUri, StrictModel, save_resolved
+from facesynth.preflight import check_output_writable
+from facesynth.report import Report, markdown_table
+from facesynth.runtime import RayConfig
+from recog.classification import (
+    Experiment,
+    classification_metrics,
+    per_class_table,
+    per_group_table,
+    render_experiments,
+)
+from recog.train.augment import AugmentList, ColorJitter, Flip, Grayscale, Rotate
+from recog.train.config import (
+    DataConfig,
+    DatasetSpec,
+    ModelConfig,
+    OptimConfig,
+    ScalingConfig,
+    TrainFRJob,
+    TrainSection,
+)
+from recog.train.data import inspect_source
+from recog.train.trainer import run as train_fr
 
+log = logging.getLogger(__name__)
 NO_PROMPT = "(none)"
 SPLITS = ("train", "test")
 
@@ -138,21 +167,28 @@ def plan_split(source_uri: str, keep_identities: Iterable[int], test_fraction: f
 
 
 def write_split(plan: SplitPlan, base_uri: str, card: dict) -> int:
-    """Write the ``train``/``test`` shard datasets of ``plan`` under ``base_uri``; committed units are
-    skipped. Returns the number of source units written now (0 when the split was already complete)."""
-    uris = split_uris(base_uri)
-    done = [set(manifest.load(uri).shards) for uri in uris.values()]
+    """Write the ``train``/``test`` shard datasets of ``plan`` under ``base_uri`` (unit i: the rows of the
+    source's i-th shard); committed units are skipped. Returns the number of units written now."""
+    refs = shards.committed_shards(plan.source)
+    source_plan = manifest.load(plan.source).plan
     written = 0
-    for unit, file, code in zip(plan.units, shards.committed_files(plan.source), plan.codes):
-        if all(unit in d for d in done):
-            continue
-        with storage.open_input(file) as f:
-            table = pq.read_table(f)
-        for value, uri in enumerate(uris.values(), start=1):
-            record = shards.write_shard(uri, unit, table.filter(pa.array(code == value)))
-            manifest.commit(uri, [record], units_total=len(plan.units))
-        written += 1
-    for part, uri in uris.items():
+    for value, (part, uri) in enumerate(split_uris(base_uri).items(), start=1):
+        settings = {**card, "split": part, "source_fingerprint": source_plan and source_plan.fingerprint}
+
+        def produce(pending: list[int], value=value, uri=uri) -> Iterable[dict]:
+            for i in pending:
+                table = refs[i].read()
+                yield shards.write_shard(uri, i, table.filter(pa.array(plan.codes[i] == value)))
+
+        result = shards.write_units(
+            uri,
+            manifest.Plan(len(refs), settings),
+            list(range(len(refs))),
+            produce,
+            commit_every_s=0,
+            desc=f"split {part}",
+        )
+        written = max(written, result.committed_now)
         shards.write_card(uri, {**card, "split": part}, title=f"cross-domain {part} split of {plan.source}")
     return written
 
@@ -162,17 +198,11 @@ def read_test_rows(uri: str, input_size: int) -> dict:
     table = pa.concat_tables(
         shards.iter_tables(uri, columns=["image", "identity", "identity_name", "sample", "prompt"])
     )
-    images = np.empty((len(table), input_size, input_size, 3), np.uint8)
-    for i, data in enumerate(table["image"].to_pylist()):
-        rgb = decode_rgb(data, f"{uri} row {i}")
-        if rgb.shape[:2] != (input_size, input_size):
-            raise ValueError(
-                f"{uri} row {i}: image is {rgb.shape[0]}x{rgb.shape[1]}, expected {input_size}x{input_size}"
-            )
-        images[i] = rgb
+    size = (input_size, input_size)
+    faces = images.decode_to_size(table["image"].to_pylist(), size, resize="exact", what=f"{uri} row")
     prompts = pc.fill_null(table["prompt"], "").to_pylist()
     return {
-        "images": images,
+        "images": faces,
         "identity": table["identity"].to_numpy(),
         "identity_name": table["identity_name"].to_pylist(),
         "sample": table["sample"].to_numpy(),
@@ -263,19 +293,22 @@ def key_findings(runs: Sequence[Run], accuracy: Sequence[float], label: dict[str
 
 def study_table(runs: Sequence[Run], accuracy: Sequence[float], label: dict[str, str]) -> str:
     """The study's results table: ``Training → Testing | Accuracy | Key Finding``."""
-    lines = ["| Training → Testing | Accuracy | Key Finding |", "|---|---|---|"]
-    for run, acc, finding in zip(runs, accuracy, key_findings(runs, accuracy, label)):
-        lines.append(f"| {label[run.train]} → {label[run.test]} | {100 * acc:.2f}% | {finding} |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["Training → Testing", "Accuracy", "Key Finding"],
+        (
+            [f"{label[run.train]} → {label[run.test]}", f"{100 * acc:.2f}%", finding]
+            for run, acc, finding in zip(runs, accuracy, key_findings(runs, accuracy, label))
+        ),
+    )
 
 
 def confusion_markdown(experiment: Experiment, names: dict) -> str:
     """Confusion matrix as markdown: rows true identity, columns predicted identity."""
     labels = [names.get(int(x), str(x)) for x in experiment.metrics.labels]
-    lines = ["| true \\ predicted | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 1)]
-    for name, row in zip(labels, experiment.metrics.confusion):
-        lines.append(f"| {name} | " + " | ".join(str(int(v)) for v in row) + " |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["true \\ predicted", *labels],
+        ([name, *(int(v) for v in row)] for name, row in zip(labels, experiment.metrics.confusion)),
+    )
 
 
 def plot_confusions(experiments: Sequence[Experiment], names: dict, uri: str) -> None:
@@ -319,3 +352,320 @@ def metrics_record(experiment: Experiment) -> dict:
         "per_person": experiment.per_class,
         "per_prompt": experiment.per_group,
     }
+
+
+# --- the cross_domain job ----------------------------------------------------------------------
+
+DOMAINS = ("real", "synthetic")
+
+
+def study_augment() -> list:
+    """The study's augmentation: flips, rotation, colour jitter, grayscale with p=0.3."""
+    return [Flip(), Rotate(), ColorJitter(), Grayscale(p=0.3)]
+
+
+class TrainingData(DataConfig):
+    """``data`` of the three trainings; the job fills ``datasets`` with its train splits."""
+
+    datasets: list[DatasetSpec] = Field(
+        default_factory=list, max_length=0, description="set by the job (its train splits); leave empty"
+    )
+    label_space: Literal["shared"] = Field(
+        "shared", description="equal identity values are one class across real and synthetic images"
+    )
+    augment: AugmentList = Field(default_factory=study_augment)
+
+
+class StudyModel(ModelConfig):
+    """``model`` of the three trainings: a closed-set classifier, by default the study's ResNet-18."""
+
+    task: Literal["closed_set"] = "closed_set"
+    backbone: str = "resnet18"
+    input_size: int = Field(64, ge=16, description="square input side in pixels; images must have this size")
+
+
+class StudyOptim(OptimConfig):
+    """``optim`` of the three trainings: the study's Adam by default."""
+
+    name: str = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class StudyTrain(TrainSection):
+    """``train`` of the three trainings, with quickstart-sized defaults."""
+
+    steps: int = Field(200, ge=1, description="optimiser steps of each training")
+    batch_size: int = Field(32, ge=1, description="images per worker per step")
+
+
+class DomainLabels(StrictModel):
+    """How the report names the domains (the study says "Diffusion" for its synthetic images)."""
+
+    real: str = "Real"
+    synthetic: str = "Diffusion"
+    combined: str = "Combined"
+
+
+class CrossDomainJob(StrictModel):
+    """Cross-domain study settings; ``model``/``data``/``optim``/``train``/``scaling`` go to every training."""
+
+    real: str = Field(min_length=1, description="shard dataset URI of the real photos")
+    synthetic: str = Field(min_length=1, description="shard dataset URI of the synthetic images")
+    output: OutputUri = Field(description="folder URI: splits/, train/, predictions/, the report")
+    identities: Literal["same", "intersection"] = Field(
+        "same",
+        description="same: both datasets must hold the same identities; intersection: keep the common ones",
+    )
+    test_fraction: float = Field(
+        0.2, gt=0, lt=1, description="share of each identity's (and prompt's) samples"
+    )
+    seed: int = Field(0, ge=0, description="split seed")
+    labels: DomainLabels = DomainLabels()
+    model: StudyModel = Field(default_factory=StudyModel)
+    data: TrainingData = Field(default_factory=TrainingData)
+    optim: StudyOptim = Field(default_factory=StudyOptim)
+    train: StudyTrain = Field(default_factory=StudyTrain)
+    scaling: ScalingConfig = ScalingConfig()
+    eval_batch_size: int = Field(256, ge=1)
+    ray: RayConfig = RayConfig()
+
+
+def check_sources(cfg: CrossDomainJob) -> list[int]:
+    """Both datasets readable with images of ``model.input_size``; returns the identities to use."""
+    found = {}
+    for key in DOMAINS:
+        uri = getattr(cfg, key)
+        if not manifest.load(uri).shards:
+            raise ValueError(
+                f"{key}={uri!r}: no shard dataset there (not a facesynth dataset, or nothing committed)"
+            )
+        try:
+            found[key] = set(inspect_source(DatasetSpec(uri=uri), cfg.model.input_size).identities.tolist())
+        except ValueError as exc:
+            raise ValueError(f"{key}: {exc}") from exc
+    only_real, only_syn = (
+        sorted(found["real"] - found["synthetic"]),
+        sorted(found["synthetic"] - found["real"]),
+    )
+    if (only_real or only_syn) and cfg.identities == "same":
+        raise ValueError(
+            f"real and synthetic hold different identities: only in real {only_real}, only in synthetic "
+            f"{only_syn}; expected the same people (or set identities=intersection)"
+        )
+    common = sorted(found["real"] & found["synthetic"])
+    if only_real or only_syn:
+        log.warning(
+            "using the %d common identities; dropping %s (real) and %s (synthetic)",
+            len(common),
+            only_real,
+            only_syn,
+        )
+    if len(common) < 2:
+        raise ValueError(f"real and synthetic share identities {common}: expected at least 2")
+    return common
+
+
+def check_split(key: str, counts: dict[str, dict[int, int]], identities: list[int]) -> None:
+    """Every identity needs train and test samples."""
+    for part in SPLITS:
+        missing = [i for i in identities if not counts[part].get(i)]
+        if missing:
+            raise ValueError(
+                f"{key}: identities {missing} have no {part} samples (fewer than 2 samples each); "
+                "add samples or drop those identities"
+            )
+
+
+def check_split_record(uri: str, record: dict) -> None:
+    """Splits already under ``output`` must come from the same inputs and settings."""
+    if storage.exists(uri):
+        old = json.loads(storage.read_bytes(uri))
+        if old != record:
+            changed = sorted(k for k in record if old.get(k) != record[k])
+            raise ValueError(
+                f"{uri}: the splits there were made with other settings "
+                f"({', '.join(f'{k}={old.get(k)!r}' for k in changed)}); expected {changed} to match: "
+                "use another output or delete it"
+            )
+
+
+def training_config(
+    cfg: CrossDomainJob, name: str, splits: dict[str, str], rows: dict[str, int]
+) -> TrainFRJob:
+    """The ``name`` training (real, synthetic or combined) over its train splits, each with its own rows."""
+    domains = DOMAINS if name == "combined" else (name,)
+    data = {
+        **cfg.data.model_dump(),
+        "datasets": [{"uri": splits[d], "weight": rows[d]} for d in domains],  # weights: concatenation
+    }
+    return TrainFRJob(
+        output=storage.join(cfg.output, "train", name),
+        run_name=name,
+        model=cfg.model,
+        data=DataConfig.model_validate(data),
+        optim=cfg.optim,
+        train=cfg.train,
+        scaling=cfg.scaling,
+        ray=cfg.ray,
+    )
+
+
+def train_once(tc: TrainFRJob) -> dict:
+    """``train_fr`` summary of one training; skipped (no Ray Train start) when it already finished
+    with this exact config, as recorded in ``<training output>/training.json``."""
+    uri = storage.join(tc.output, "training.json")
+    config = tc.model_dump(mode="json")
+    if storage.exists(uri):
+        done = json.loads(storage.read_bytes(uri))
+        if done["config"] == config:
+            print(
+                f"[cross_domain] {tc.run_name}: finished earlier, reusing {done['result']['model_uri']}",
+                flush=True,
+            )
+            return done["result"]
+    result = train_fr(tc).summary()
+    storage.write_bytes(uri, json.dumps({"config": config, "result": result}, indent=1).encode())
+    return result
+
+
+def write_report(cfg: CrossDomainJob, experiments: list, results: dict, names: dict, counts: dict) -> str:
+    """``cross_domain.md`` + ``confusion.png``; returns the report URI."""
+    label = cfg.labels.model_dump()
+    plot_confusions(experiments, names, storage.join(cfg.output, "confusion.png"))
+    m, t = cfg.model, cfg.train
+    augment = ", ".join(a.name for a in cfg.data.augment) or "none"
+    report = (
+        Report("Cross-domain face classification")
+        .bullets(
+            [
+                f"{len(names)} identities; split per identity and prompt, test fraction {cfg.test_fraction:g}, "
+                f"seed {cfg.seed}",
+                f"{m.backbone} ({m.input_size}px), softmax CE, {cfg.optim.name} lr {cfg.optim.lr:g}, "
+                f"{t.steps} steps x {t.batch_size} images, augment: {augment}",
+            ]
+        )
+        .table(
+            ["domain", "dataset", "train images", "test images"],
+            [
+                [
+                    label[d],
+                    f"`{getattr(cfg, d)}`",
+                    sum(counts[d]["train"].values()),
+                    sum(counts[d]["test"].values()),
+                ]
+                for d in DOMAINS
+            ],
+        )
+        .section("Results")
+        .text(study_table(RUNS, [e.metrics.accuracy for e in experiments], label))
+        .text(render_experiments(experiments).replace("### ", "## ", 1))
+        .section("Confusion matrices")
+        .figure("confusion.png", "confusion matrices")
+    )
+    for e in experiments:
+        report.text(f"### {e.train} → {e.test}").text(confusion_markdown(e, names))
+    report.section("Trainings").bullets(
+        f"{label[k]}: `{r['output']}/report.md` (final loss {r['final_loss']:.4f})"
+        for k, r in results.items()
+    )
+    return report.write(cfg.output, "cross_domain.md")
+
+
+def run(cfg: CrossDomainJob) -> CrossDomainResult:
+    """Run the study (splits, three trainings, six evaluations); ``cross_domain.json`` holds the result."""
+    start = time.perf_counter()
+    identities = check_sources(cfg)
+    check_output_writable(cfg.output)
+    plans = {d: plan_split(getattr(cfg, d), identities, cfg.test_fraction, cfg.seed) for d in DOMAINS}
+    counts = {d: plans[d].counts() for d in DOMAINS}
+    for d in DOMAINS:
+        check_split(d, counts[d], identities)
+    record = {
+        "real": cfg.real,
+        "synthetic": cfg.synthetic,
+        "identities": identities,
+        "test_fraction": cfg.test_fraction,
+        "seed": cfg.seed,
+    }
+    record_uri = storage.join(cfg.output, "splits", "split.json")
+    check_split_record(record_uri, record)
+    storage.write_bytes(record_uri, json.dumps(record, indent=1).encode())
+
+    split_base = {d: storage.join(cfg.output, "splits", d) for d in DOMAINS}
+    for d in DOMAINS:
+        written = write_split(plans[d], split_base[d], record)
+        print(
+            f"[cross_domain] {d} split: {written} of {len(plans[d].units)} units written "
+            f"({sum(counts[d]['train'].values())} train / {sum(counts[d]['test'].values())} test)",
+            flush=True,
+        )
+    train_uris = {d: split_uris(split_base[d])["train"] for d in DOMAINS}
+    train_rows = {d: sum(counts[d]["train"].values()) for d in DOMAINS}
+
+    results = {}
+    for name in ("real", "synthetic", "combined"):
+        results[name] = train_once(training_config(cfg, name, train_uris, train_rows))
+
+    tests = {d: read_test_rows(split_uris(split_base[d])["test"], cfg.model.input_size) for d in DOMAINS}
+    names = {}
+    for d in DOMAINS:
+        names.update(zip(tests[d]["identity"].tolist(), tests[d]["identity_name"]))
+    label = cfg.labels.model_dump()
+    experiments, records = [], []
+    for i, run in enumerate(RUNS, start=1):
+        probs, classes = predict_probs(
+            results[run.train]["model_uri"], tests[run.test]["images"], cfg.eval_batch_size
+        )
+        table = predictions_table(tests[run.test], probs, classes)
+        uri = storage.join(cfg.output, "predictions", f"{run.slug}.parquet")
+        write_table(table, uri)
+        e = experiment_from_predictions(f"({i}) {run.role}", label[run.train], label[run.test], table, names)
+        experiments.append(e)
+        records.append({**metrics_record(e), "run": run.slug, "predictions": uri})
+        print(f"[cross_domain] {e.train} → {e.test}: accuracy {100 * e.metrics.accuracy:.2f}%", flush=True)
+
+    report = write_report(cfg, experiments, results, names, counts)
+    save_resolved(cfg, cfg.output)
+    out = {
+        "report": report,
+        "identities": identities,
+        "identity_names": {str(k): v for k, v in sorted(names.items())},
+        "splits": {
+            d: {part: {str(k): v for k, v in counts[d][part].items()} for part in SPLITS} for d in DOMAINS
+        },
+        "experiments": records,
+        "trainings": results,
+        "seconds": time.perf_counter() - start,
+        "config": cfg.model_dump(mode="json"),
+    }
+    storage.write_bytes(storage.join(cfg.output, "cross_domain.json"), json.dumps(out, indent=1).encode())
+    return CrossDomainResult(cfg.output, out)
+
+
+@dataclass(frozen=True)
+class CrossDomainResult:
+    """The study written at ``uri``; ``info`` is ``cross_domain.json``'s content."""
+
+    uri: str
+    info: dict
+
+    def summary(self) -> dict:
+        return {k: v for k, v in self.info.items() if k != "config"}
+
+    def headline(self) -> str:
+        return ", ".join(
+            f"{e['train']}→{e['test']} {100 * e['accuracy']:.1f}%" for e in self.info["experiments"]
+        )
+
+    def summary_text(self) -> str:
+        """One screen: accuracy, F1 and confidence of the six experiments."""
+        result = self.info
+        lines = [f"{'train → test':<28}{'n':>6}{'accuracy %':>12}{'F1 %':>9}{'conf. %':>9}"]
+        for e in result["experiments"]:
+            lines.append(
+                f"{e['train'] + ' → ' + e['test']:<28}{e['n']:>6}{100 * e['accuracy']:>12.2f}"
+                f"{100 * e['macro_f1']:>9.2f}{100 * e['mean_confidence']:>9.2f}"
+            )
+        lines.append(f"report: {result['report']}")
+        return "\n".join(lines)

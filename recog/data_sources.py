@@ -18,15 +18,14 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import pyarrow.fs as pafs
 
-from facesynth import storage
-from facesynth.binsets import decode_rgb
+from facesynth import images, storage
+from facesynth.image_folder import list_image_folder
 
 RECORDIO_MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", RECORDIO_MAGIC)
 _LENGTH_MASK = (1 << 29) - 1
 _IR_HEADER = struct.Struct("<IfQQ")
 _FLOAT32_EXACT = 1 << 24  # larger integers do not survive insightface's float32 labels
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 def _encode_record(payload: bytes) -> bytes:
@@ -198,35 +197,7 @@ class RecordIOReader:
         return flag, label, body
 
 
-def list_image_folder(root: str) -> list[tuple[str, int]]:
-    """``(image URI, label)`` for a folder with one sub-folder per identity; label = sorted folder index.
-
-    Images are the files with extensions in :data:`IMAGE_EXTENSIONS` (any depth inside an identity
-    folder), in sorted order.
-    """
-    fs, path = storage.resolve(root)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        raise ValueError(f"{root}: image folder does not exist")
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    base = path.rstrip("/") + "/"
-    rel = [(i.path[len(base) :], i.type) for i in infos]
-    folders = {r.split("/")[0] for r, t in rel if "/" in r or t == pafs.FileType.Directory}
-    files = sorted(
-        r for r, t in rel if t == pafs.FileType.File and "/" in r and r.lower().endswith(IMAGE_EXTENSIONS)
-    )
-    if not folders:
-        raise ValueError(f"{root}: no identity folders (expected {root}/<identity>/<image>)")
-    with_images = {r.split("/")[0] for r in files}
-    empty = sorted(folders - with_images)
-    if empty:
-        raise ValueError(
-            f"{root}: identity folders without images {empty[:5]} (extensions {IMAGE_EXTENSIONS})"
-        )
-    label_of = {name: k for k, name in enumerate(sorted(folders))}
-    return [(storage.join(root, r), label_of[r.split("/")[0]]) for r in files]
-
-
 def iter_image_folder(root: str) -> Iterator[tuple[np.ndarray, int]]:
     """Decoded uint8 RGB images ``[H, W, 3]`` and labels of an image folder (see :func:`list_image_folder`)."""
     for uri, label in list_image_folder(root):
-        yield decode_rgb(storage.read_bytes(uri), uri), label
+        yield images.decode(storage.read_bytes(uri), uri), label

@@ -7,9 +7,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
 
-from facesynth import storage
+from facesynth import images, storage
+from facesynth.report import Report, markdown_table
 from recog.roc import plot_roc
 from recog.verification import VerificationResult
 
@@ -31,18 +31,19 @@ def verification_table(rows: Sequence[VerificationRow]) -> str:
     """Markdown table: dataset, accuracy ± std, VAL@FAR=1e-3 and one column per TAR@FMR target (percent)."""
     fmrs = sorted({fmr for row in rows for fmr in row.tar_at_fmr})
     header = ["Dataset", "Pairs", "Accuracy (%)", "VAL@FAR=1e-3 (%)", *(f"TAR@FMR={f:.0e} (%)" for f in fmrs)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        r = row.result
-        cells = [
-            row.dataset,
-            str(r.n_pairs),
-            f"{_pct(r.accuracy)} ± {_pct(r.std)}",
-            f"{_pct(r.val)} ± {_pct(r.val_std)}",
-            *(_pct(row.tar_at_fmr.get(f, float("nan"))) for f in fmrs),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(
+        header,
+        (
+            [
+                row.dataset,
+                row.result.n_pairs,
+                f"{_pct(row.result.accuracy)} ± {_pct(row.result.std)}",
+                f"{_pct(row.result.val)} ± {_pct(row.result.val_std)}",
+                *(_pct(row.tar_at_fmr.get(f, float("nan"))) for f in fmrs),
+            ]
+            for row in rows
+        ),
+    )
 
 
 def plot_accuracy_bars(rows: Sequence[VerificationRow], uri: str) -> None:
@@ -64,24 +65,6 @@ def plot_accuracy_bars(rows: Sequence[VerificationRow], uri: str) -> None:
     storage.write_bytes(uri, buffer.getvalue())
 
 
-def save_sample_grid(images: np.ndarray, uri: str, ncols: int = 8) -> None:
-    """Write uint8 (N, H, W, 3) images as one PNG grid, ``ncols`` per row, to ``uri``."""
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or len(images) == 0:
-        raise ValueError(
-            f"images: got {getattr(images, 'shape', None)}, expected a non-empty uint8 (N, H, W, 3) array"
-        )
-    n, h, w, c = images.shape
-    ncols = min(ncols, n)
-    nrows = -(-n // ncols)
-    grid = np.full((nrows * h, ncols * w, c), 255, dtype=np.uint8)
-    for i, image in enumerate(images):
-        row, col = divmod(i, ncols)
-        grid[row * h : (row + 1) * h, col * w : (col + 1) * w] = image
-    buffer = io.BytesIO()
-    Image.fromarray(grid).save(buffer, format="PNG")
-    storage.write_bytes(uri, buffer.getvalue())
-
-
 def write_report(
     out_uri: str,
     title: str,
@@ -95,25 +78,18 @@ def write_report(
 
     ``sections`` maps heading -> markdown body (e.g. classification or dataset-quality tables).
     """
-    parts = [f"# {title}", ""]
+    report = Report(title)
     if verification:
         plot_accuracy_bars(verification, storage.join(out_uri, "accuracy.png"))
-        parts += [
-            "## Verification",
-            "",
-            verification_table(verification),
-            "",
-            "![accuracy](accuracy.png)",
-            "",
-        ]
+        report.section("Verification").text(verification_table(verification)).figure(
+            "accuracy.png", "accuracy"
+        )
     if roc_curves:
         plot_roc(roc_curves, storage.join(out_uri, "roc.png"))
-        parts += ["## ROC", "", "![ROC](roc.png)", ""]
+        report.section("ROC").figure("roc.png", "ROC")
     for heading, body in (sections or {}).items():
-        parts += [f"## {heading}", "", body.strip(), ""]
+        report.section(heading).text(body)
     if sample_images is not None:
-        save_sample_grid(sample_images, storage.join(out_uri, "samples.png"))
-        parts += ["## Samples", "", "![samples](samples.png)", ""]
-    report_uri = storage.join(out_uri, "report.md")
-    storage.write_bytes(report_uri, "\n".join(parts).encode())
-    return report_uri
+        images.save_grid(sample_images, storage.join(out_uri, "samples.png"), cols=8)
+        report.section("Samples").figure("samples.png", "samples")
+    return report.write(out_uri)

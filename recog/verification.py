@@ -21,13 +21,9 @@ division insightface performs, so accuracies agree bit for bit.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-
-from facesynth.face_model import EmbeddedImages, check_images, load_face_model
 
 ACC_THRESHOLDS = np.arange(0, 4, 0.01)
 VAL_THRESHOLDS = np.arange(0, 4, 0.001)
@@ -169,86 +165,3 @@ def verify_embeddings(
         xnorm=float(xnorm),
         n_pairs=len(dist),
     )
-
-
-class _EmbedWorker:
-    """Ray actor body: loads the exported model once and embeds the chunks it is sent."""
-
-    def __init__(self, model_uri: str, device: str, overrides: Mapping[str, Any] | None):
-        self.embedder = load_face_model(model_uri, device=device, overrides=overrides)
-
-    def ready(self) -> bool:
-        return True
-
-    def embed(self, images: np.ndarray, batch_size: int, flip: bool) -> EmbeddedImages:
-        return self.embedder.embed_set(images, batch_size=batch_size, flip=flip)
-
-
-class EmbedPool:
-    """``num_workers`` Ray actors that each hold the exported model at ``model_dir``; reuse across sets.
-
-    Actors run on CUDA when given GPUs, else on CPU; ``overrides`` replace ``model.json`` fields (see
-    ``facesynth.face_model.read_spec``). The constructor returns once every actor has loaded the
-    model. Use as a context manager (or call :meth:`close`) to free the actors.
-    """
-
-    def __init__(
-        self,
-        model_dir: str,
-        num_workers: int,
-        num_gpus_per_worker: float = 0,
-        overrides: Mapping[str, Any] | None = None,
-    ):
-        import ray
-
-        if num_workers < 1:
-            raise ValueError(f"num_workers={num_workers}: expected >= 1")
-        device = "cuda" if num_gpus_per_worker > 0 else "cpu"
-        actor_cls = ray.remote(num_cpus=1, num_gpus=num_gpus_per_worker)(_EmbedWorker)
-        self.actors = [actor_cls.remote(model_dir, device, overrides) for _ in range(num_workers)]
-        try:
-            ray.get([actor.ready.remote() for actor in self.actors])
-        except BaseException:
-            self.close()
-            raise
-
-    def embed(self, images: np.ndarray, batch_size: int = 256, flip: bool = True) -> EmbeddedImages:
-        """Contiguous chunks, one per actor, concatenated back in order; XNorm weighted by chunk size."""
-        import ray
-
-        check_images(images)
-        chunks = [c for c in np.array_split(images, len(self.actors)) if len(c)]
-        parts = ray.get(
-            [a.embed.remote(c, batch_size, flip) for a, c in zip(self.actors, chunks, strict=False)]
-        )
-        weights = np.array([len(c) for c in chunks], dtype=np.float64)
-        xnorm = float(np.dot([p.xnorm for p in parts], weights) / weights.sum())
-        return EmbeddedImages(embeddings=np.concatenate([p.embeddings for p in parts]), xnorm=xnorm)
-
-    def close(self) -> None:
-        import ray
-
-        for actor in self.actors:
-            ray.kill(actor)
-        self.actors = []
-
-    def __enter__(self) -> EmbedPool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def embed_with_ray(
-    model_dir: str,
-    images: np.ndarray,
-    num_workers: int,
-    batch_size: int = 256,
-    num_gpus_per_worker: float = 0,
-    flip: bool = True,
-    overrides: Mapping[str, Any] | None = None,
-) -> EmbeddedImages:
-    """Embed ``images`` once on a fresh :class:`EmbedPool` of ``num_workers`` actors (at most one per image)."""
-    check_images(images)
-    with EmbedPool(model_dir, min(num_workers, len(images)), num_gpus_per_worker, overrides) as pool:
-        return pool.embed(images, batch_size=batch_size, flip=flip)

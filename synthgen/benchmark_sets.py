@@ -11,7 +11,7 @@ Written at ``out_uri``:
   the identities of different folds disjoint (as in LFW's pairs.txt). ``cfp-fp-like`` pairs a near-frontal
   image with a profile; in ``agedb-like`` every pair holds one young and one aged image. Each set has a
   ``{name}.pairs.parquet`` with per-pair fold, identities, seeds, yaw and age.
-- ``ijbc-like/``: IJB-C-style templates for TAR@FMR: ``templates.parquet`` (one row per image: ``image``
+- ``ijbc-like/``: IJB-C-style templates for TAR@FMR (read back by ``facesynth.binsets.read_template_set``): ``templates.parquet`` (one row per image: ``image``
   PNG bytes, ``template_id``, ``media_id``, ``identity``, ``sample_seed``) and ``pairs.parquet``
   (``template_1``, ``template_2``, ``issame``). Every identity has two templates; a template holds one or
   two media (capture sessions: one of 91 pose-neighbourhood x light-direction settings) of one to three
@@ -29,12 +29,14 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import Field, field_validator
 
-from facesynth import binsets, storage
+from facesynth import binsets, images, storage
+from facesynth.config import OutputUri, StrictModel, save_resolved
+from facesynth.preflight import check_output_writable
 from synthgen.procedural import render_faces
 from synthgen.procedural.render import check_size
 from synthgen.procedural.styles import get_style
-from synthgen.stage import encode_images
 
 FOLDS = 10
 PAIR_SETS = {"lfw-like": 6000, "cfp-fp-like": 7000, "agedb-like": 6000}  # the standard pair counts
@@ -78,7 +80,7 @@ def build_benchmark(
     """
     get_style(style)
     size = check_size(size)
-    counts = _checked_counts(pair_counts)
+    counts = resolve_pair_counts(pair_counts)
     if identity_offset < 0 or seed < 0:
         raise ValueError(f"identity_offset={identity_offset}, seed={seed}: expected non-negative integers")
     genuine = counts.get(TEMPLATE_SET, 0) // (IMPOSTORS_PER_GENUINE + 1)
@@ -108,7 +110,9 @@ def build_benchmark(
     return summary
 
 
-def _checked_counts(pair_counts: Mapping[str, int] | None) -> dict[str, int]:
+def resolve_pair_counts(pair_counts: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Every set's pair count: ``pair_counts`` over the standard ones; ValueError for unknown sets or counts
+    that cannot be split into balanced folds."""
     counts = {**PAIR_SETS, TEMPLATE_SET: DEFAULT_TEMPLATE_PAIRS, **(pair_counts or {})}
     known = [*PAIR_SETS, TEMPLATE_SET]
     for name, count in counts.items():
@@ -127,6 +131,60 @@ def _checked_counts(pair_counts: Mapping[str, int] | None) -> dict[str, int]:
                 "least 100 (one genuine pair in ten, each impostor pair distinct)"
             )
     return {name: int(count) for name, count in counts.items()}
+
+
+class BenchmarkJob(StrictModel):
+    """The build_benchmark job: which procedural identities, rendered how, into which sets."""
+
+    output: OutputUri = Field(description="folder URI for the .bin sets, template sets and benchmark.json")
+    style: str = Field("render", pattern="^(render|photo)$")
+    size: int = Field(112, ge=32, le=128)
+    identity_offset: int = Field(
+        1_000_000, ge=0, description="first benchmark identity; keep training ids below"
+    )
+    num_identities: int = Field(3000, ge=1)
+    seed: int = Field(0, ge=0)
+    pair_counts: dict[str, int] = Field(
+        default_factory=resolve_pair_counts,
+        description="pairs per set (lfw-like, cfp-fp-like, agedb-like: multiples of 20; ijbc-like: template "
+        "pairs); 0 leaves a set out; a set not named keeps its standard count (6000/7000/6000/20000), "
+        "which the resolved config.yaml then records",
+    )
+
+    @field_validator("pair_counts")
+    @classmethod
+    def _every_set(cls, counts: dict[str, int]) -> dict[str, int]:
+        return resolve_pair_counts(counts)
+
+
+@dataclass(frozen=True)
+class BenchmarkResult:
+    """The sets written at ``uri`` (``benchmark.json``'s content)."""
+
+    uri: str
+    info: dict
+
+    def summary(self) -> dict:
+        return self.info
+
+    def headline(self) -> str:
+        return ", ".join(f"{name}: {s['pairs']} pairs" for name, s in self.info["sets"].items())
+
+
+def run(job: BenchmarkJob) -> BenchmarkResult:
+    """Write the benchmark sets and the resolved config."""
+    check_output_writable(job.output)
+    info = build_benchmark(
+        job.output,
+        style=job.style,
+        size=job.size,
+        identity_offset=job.identity_offset,
+        num_identities=job.num_identities,
+        seed=job.seed,
+        pair_counts=job.pair_counts,
+    )
+    save_resolved(job, job.output)
+    return BenchmarkResult(job.output, info)
 
 
 def _pair_identities(
@@ -167,7 +225,7 @@ def _render(
     ids: np.ndarray, seeds: np.ndarray, views: np.ndarray, overrides, style: str, size: int
 ) -> _Rendered:
     """Render each image under ``overrides[views[i]]``; PNG bytes plus the yaw and age drawn."""
-    images: list[bytes] = [b""] * len(ids)
+    encoded: list[bytes] = [b""] * len(ids)
     yaw, age = np.zeros(len(ids)), np.zeros(len(ids))
     for view, override in enumerate(overrides):
         group = np.flatnonzero(views == view)
@@ -175,9 +233,9 @@ def _render(
             rows = group[start : start + RENDER_BATCH]
             batch = render_faces(ids[rows], seeds[rows], style=style, size=size, overrides=override)
             yaw[rows], age[rows] = batch.nuisance["yaw"], batch.nuisance["age"]
-            for row, data in zip(rows, encode_images(batch.images)):
-                images[row] = data
-    return _Rendered(images, yaw, age)
+            for row, data in zip(rows, images.encode(batch.images)):
+                encoded[row] = data
+    return _Rendered(encoded, yaw, age)
 
 
 def _build_pair_set(out_uri, name, n_pairs, pool, rng, style, size) -> dict:
@@ -256,44 +314,3 @@ def _write_parquet(uri: str, columns: Mapping[str, object]) -> None:
     buffer = io.BytesIO()
     pq.write_table(pa.table(dict(columns)), buffer)
     storage.write_bytes(uri, buffer.getvalue())
-
-
-@dataclass(frozen=True)
-class TemplateSet:
-    """An IJB-C-style set as read back: per-image columns and the template pair list."""
-
-    images: list[bytes]
-    template_ids: np.ndarray
-    media_ids: np.ndarray
-    identities: np.ndarray
-    template_1: np.ndarray
-    template_2: np.ndarray
-    issame: np.ndarray
-
-
-def read_template_set(uri: str) -> TemplateSet:
-    """Read a template set folder written by :func:`build_benchmark` (``templates.parquet`` + ``pairs.parquet``)."""
-    tables = {}
-    for part in ("templates", "pairs"):
-        part_uri = storage.join(uri, f"{part}.parquet")
-        if not storage.exists(part_uri):
-            raise FileNotFoundError(
-                f"{part_uri}: a template set folder holds templates.parquet and pairs.parquet"
-            )
-        tables[part] = pq.read_table(io.BytesIO(storage.read_bytes(part_uri)))
-    images, pairs = tables["templates"], tables["pairs"]
-    known = set(images["template_id"].to_pylist())
-    missing = (set(pairs["template_1"].to_pylist()) | set(pairs["template_2"].to_pylist())) - known
-    if missing:
-        raise ValueError(
-            f"{uri}: pairs.parquet names templates {sorted(missing)[:5]} that templates.parquet lacks"
-        )
-    return TemplateSet(
-        images=images["image"].to_pylist(),
-        template_ids=images["template_id"].to_numpy(),
-        media_ids=images["media_id"].to_numpy(),
-        identities=images["identity"].to_numpy(),
-        template_1=pairs["template_1"].to_numpy(),
-        template_2=pairs["template_2"].to_numpy(),
-        issame=pairs["issame"].to_numpy(),
-    )

@@ -1,8 +1,8 @@
 """Training rows for identity-conditioned generators: decoded faces plus an identity embedding per image.
 
 The embedding is the shards' ``embedding`` column, or comes from a judge FR model (an exported ``model.json``
-folder, loaded with :func:`facesynth.face_model.load_face_model`) in a Ray Data actor step that runs once,
-before training, and is materialised so epochs do not re-embed.
+folder) through :mod:`facesynth.embed` in a Ray Data actor step that runs once, before training, and is
+materialised so epochs do not re-embed.
 """
 
 from __future__ import annotations
@@ -11,44 +11,29 @@ import io
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image
 
-from facesynth import shards, storage
-
-
-def decode_images(encoded: Sequence[bytes], size: tuple[int, int]) -> np.ndarray:
-    """Encoded images -> uint8 RGB ``(N, height, width, 3)``, bilinear-resized to ``size = (height, width)``."""
-    height, width = size
-    out = np.empty((len(encoded), height, width, 3), dtype=np.uint8)
-    for i, data in enumerate(encoded):
-        img = Image.open(io.BytesIO(data)).convert("RGB")
-        if img.size != (width, height):
-            img = img.resize((width, height), Image.Resampling.BILINEAR)
-        out[i] = np.asarray(img)
-    return out
+from facesynth import embed, images, shards, storage
 
 
-class JudgeEmbedder:
-    """Ray Data callable class: adds the judge model's flip-fused, L2-normalised ``embedding`` per image."""
-
-    def __init__(self, judge_uri: str, batch_size: int) -> None:
-        import torch
-
-        from facesynth.face_model import load_face_model
-
-        self.model = load_face_model(judge_uri, "cuda" if torch.cuda.is_available() else "cpu")
-        self.batch_size = batch_size
-
-    def __call__(self, batch: dict) -> dict:
-        images = decode_images(batch["image"], tuple(self.model.spec.input_size))
-        return {**batch, "embedding": self.model.embed(images, batch_size=self.batch_size).astype(np.float32)}
+def decode_bilinear(encoded: Sequence[bytes], size: tuple[int, int]) -> np.ndarray:
+    """Encoded images -> uint8 RGB ``(N, height, width, 3)``, bilinear-resized to ``size``."""
+    return images.decode_to_size(encoded, size, resize="bilinear", what="image")
 
 
 def to_training_rows(batch: dict, image_size: int) -> dict:
-    """``image`` bytes + ``embedding`` -> ``pixels`` uint8 ``(N, S, S, 3)`` + ``embedding`` float32 ``(N, D)``."""
+    """``image`` bytes + ``embedding`` -> ``pixels`` uint8 ``(N, S, S, 3)`` + ``condition`` float32 ``(N, D)``."""
     return {
-        "pixels": decode_images(batch["image"], (image_size, image_size)),
-        "embedding": np.stack([np.asarray(e, dtype=np.float32) for e in batch["embedding"]]),
+        "pixels": decode_bilinear(batch["image"], (image_size, image_size)),
+        "condition": np.stack([np.asarray(e, dtype=np.float32) for e in batch["embedding"]]),
+    }
+
+
+def to_class_rows(batch: dict, image_size: int) -> dict:
+    """``image`` bytes + ``identity`` -> ``pixels`` uint8 ``(N, S, S, 3)`` + ``condition`` int64 ``(N,)``, the
+    class id of the class-conditional baseline (the identity value itself)."""
+    return {
+        "pixels": decode_bilinear(batch["image"], (image_size, image_size)),
+        "condition": np.asarray(batch["identity"], dtype=np.int64),
     }
 
 
@@ -83,20 +68,13 @@ def embedded_dataset(
     """A Ray Dataset of ``image`` + ``identity`` + ``embedding`` rows from the committed shards of ``data_uri``
     (map it with :func:`to_training_rows` to train).
 
-    With ``judge_uri`` the embeddings are computed by the judge (one actor, materialised before training);
-    without it the shards' ``embedding`` column is used.
+    With ``judge_uri`` the embeddings are computed by the judge (:func:`facesynth.embed.embedding_dataset`:
+    one actor, images resized bilinearly to its input size, materialised before training); without it the
+    shards' ``embedding`` column is used.
     """
-    from ray.data import ActorPoolStrategy
-
-    columns = ["image", "identity"] if judge_uri is not None else ["image", "identity", "embedding"]
-    ds = shards.read_dataset(data_uri, columns=columns)
-    if judge_uri is not None:
-        ds = ds.map_batches(
-            JudgeEmbedder,
-            fn_constructor_kwargs={"judge_uri": judge_uri, "batch_size": judge_batch_size},
-            batch_size=judge_batch_size,
-            num_gpus=judge_num_gpus,
-            compute=ActorPoolStrategy(size=1),
-            batch_format="numpy",
-        ).materialize()
-    return ds
+    if judge_uri is None:
+        return shards.read_dataset(data_uri, columns=["image", "identity", "embedding"])
+    plan = embed.plan_embedding(data_uri, judge_uri, resize=True)
+    return embed.embedding_dataset(
+        [plan], batch_size=judge_batch_size, num_gpus_per_worker=judge_num_gpus, keep_image=True
+    ).materialize()

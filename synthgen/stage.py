@@ -1,7 +1,7 @@
 """The generator-agnostic Ray Data generation stage.
 
 work units -> generator actor pool (``map_batches``, ``num_gpus``, an autoscaling ``ActorPoolStrategy``)
--> PNG encode + shard write on CPU tasks -> manifest commits on the driver.
+-> PNG encode + shard write on CPU tasks -> commits to the dataset's log on the driver.
 
 One row is one work unit at every step, so a shard is always written from exactly its unit's
 images. Per-row seeds make a unit's bytes independent of which actor ran it, so a rerun after a
@@ -11,17 +11,17 @@ per-unit functions in one process (the baseline for ``bench/generate_throughput.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
+import pyarrow as pa
 from pydantic import Field
 
-from facesynth import manifest, shards, telemetry
+from facesynth import images, manifest, shards, telemetry
 from facesynth.config import StrictModel
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,14 @@ class StageConfig(StrictModel):
         1, ge=0, le=9, description="zlib level; 1 encodes faces ~2.8x faster than 6 for ~8% more bytes"
     )
     jpeg_quality: int = Field(95, ge=1, le=100)
-    commit_every_s: float = Field(2.0, ge=0, description="batch manifest commits at most this often")
+    commit_every_s: float = Field(
+        2.0, ge=0, description="batch commits (one log record each) at most this often"
+    )
+    verify_committed: bool = Field(
+        False,
+        description="on a rerun, re-hash every committed shard and rewrite damaged ones "
+        "(default: only missing or resized shards are found, from one listing)",
+    )
 
 
 @dataclass
@@ -68,207 +75,155 @@ class Generator:
         raise NotImplementedError
 
 
+# One row per work unit between the generator actors and the writers: native Arrow columns (the images as
+# raw uint8 bytes with their shape), so nothing is JSON-encoded or pickled on the way.
+UNIT_SCHEMA = pa.schema(
+    [
+        ("unit", pa.int64()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("pixels", pa.large_binary()),
+        ("identity", pa.list_(pa.int64())),
+        ("sample", pa.list_(pa.int64())),
+        ("seed", pa.list_(pa.int64())),
+        ("t0", pa.list_(pa.int32())),
+        ("identity_name", pa.list_(pa.string())),
+        ("prompt", pa.list_(pa.string())),
+        ("params", pa.list_(pa.string())),
+        ("domain", pa.string()),
+        ("generator", pa.string()),
+        ("embedding", pa.list_(pa.list_(pa.float32()))),
+    ]
+)
+
+
 def generate_unit_rows(
     gen: Generator, units: list[shards.WorkUnit], base_seed: int, batch_size: int
-) -> list[dict]:
-    """Run ``gen`` over the rows of ``units`` in micro-batches; one result dict per unit."""
+) -> pa.Table:
+    """Run ``gen`` over the rows of ``units`` in micro-batches; one :data:`UNIT_SCHEMA` row per unit."""
     rows = [u.rows(base_seed) for u in units]
     ids, samples, seeds = (np.concatenate(c) for c in zip(*rows))
     parts = [
         gen.generate(ids[i : i + batch_size], samples[i : i + batch_size], seeds[i : i + batch_size])
         for i in range(0, len(ids), batch_size)
     ]
-    images = np.concatenate([p.images for p in parts])
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != len(ids):
+    pixels = np.concatenate([p.images for p in parts])
+    if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[0] != len(ids) or pixels.shape[3] != 3:
         raise ValueError(
             f"generator {gen.name}: expected uint8 images [N,H,W,3] with N={len(ids)}, "
-            f"got {images.dtype} {images.shape}"
+            f"got {pixels.dtype} {pixels.shape}"
         )
-    meta = {
-        "identity_name": [n for p in parts for n in p.identity_names],
-        "prompt": [s for p in parts for s in p.prompts],
-        "params": [shards.params_json(x) for p in parts for x in p.params],
-        "t0": np.concatenate(
-            [p.t0 if p.t0 is not None else np.full(len(p.images), -1) for p in parts]
-        ).tolist(),
-    }
-    if parts[0].embeddings is not None:
-        meta["embedding"] = np.concatenate([p.embeddings for p in parts]).astype(np.float32).tolist()
+    names = [n for p in parts for n in p.identity_names]
+    prompts = [s for p in parts for s in p.prompts]
+    params = [shards.params_json(x) for p in parts for x in p.params]
+    t0 = np.concatenate([p.t0 if p.t0 is not None else np.full(len(p.images), -1) for p in parts])
+    embedding = (
+        np.concatenate([p.embeddings for p in parts]).astype(np.float32)
+        if parts[0].embeddings is not None
+        else None
+    )
     telemetry.inc("facesynth_images_generated", len(ids), "images produced by generator actors")
-    out, start = [], 0
-    for u, (uid, usample, useed) in zip(units, rows):
-        stop = start + len(uid)
-        out.append(
-            {
-                "unit": u.index,
-                "images": images[start:stop],
-                "meta": json.dumps(
-                    {
-                        "identity": uid.tolist(),
-                        "sample": usample.tolist(),
-                        "seed": useed.tolist(),
-                        "domain": gen.domain,
-                        "generator": gen.name,
-                        **{k: v[start:stop] for k, v in meta.items()},
-                    }
-                ),
-            }
-        )
-        start = stop
-    return out
+    bounds = np.cumsum([0, *(len(r[0]) for r in rows)])
+    cols: dict[str, list] = {name: [] for name in UNIT_SCHEMA.names}
+    for u, (uid, usample, useed), a, b in zip(units, rows, bounds[:-1], bounds[1:]):
+        for name, value in (
+            ("unit", u.index),
+            ("height", pixels.shape[1]),
+            ("width", pixels.shape[2]),
+            ("pixels", np.ascontiguousarray(pixels[a:b]).tobytes()),
+            ("identity", uid),
+            ("sample", usample),
+            ("seed", useed),
+            ("t0", t0[a:b]),
+            ("identity_name", names[a:b]),
+            ("prompt", prompts[a:b]),
+            ("params", params[a:b]),
+            ("domain", gen.domain),
+            ("generator", gen.name),
+            ("embedding", None if embedding is None else list(embedding[a:b])),
+        ):
+            cols[name].append(value)
+    return pa.table(cols, schema=UNIT_SCHEMA)
 
 
-def encode_images(
-    images: np.ndarray, fmt: str = "png", *, png_compression: int = 1, jpeg_quality: int = 95
-) -> list[bytes]:
-    """Encode uint8 RGB images (N, H, W, 3) as PNG or JPEG bytes with OpenCV (deterministic for fixed settings)."""
-    if fmt == "png":
-        ext, params = ".png", [cv2.IMWRITE_PNG_COMPRESSION, png_compression]
-    else:
-        ext, params = ".jpg", [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]
-    out = []
-    for img in images:
-        ok, data = cv2.imencode(ext, np.ascontiguousarray(img[..., ::-1]), params)  # OpenCV wants BGR
-        if not ok:
-            raise RuntimeError(f"{fmt} encoding failed for an image of shape {img.shape}")
-        out.append(data.tobytes())
-    return out
-
-
-def write_unit(dataset_uri: str, unit_row: dict, cfg: StageConfig) -> dict:
-    """Encode one unit's images and write its shard; returns the (uncommitted) manifest record."""
-    meta = json.loads(unit_row["meta"])
-    n = len(meta["identity"])
+def write_unit(dataset_uri: str, unit: dict, cfg: StageConfig) -> dict:
+    """Encode one unit's images (a :data:`UNIT_SCHEMA` row as a dict) and write its shard; returns its
+    (uncommitted) shard record."""
+    n = len(unit["identity"])
+    pixels = np.frombuffer(unit["pixels"], np.uint8).reshape(n, unit["height"], unit["width"], 3)
     rows = {
-        "image": encode_images(
-            np.asarray(unit_row["images"]),
-            cfg.image_format,
-            png_compression=cfg.png_compression,
-            jpeg_quality=cfg.jpeg_quality,
+        "image": images.encode(
+            pixels, cfg.image_format, png_compression=cfg.png_compression, jpeg_quality=cfg.jpeg_quality
         ),
-        "identity": meta["identity"],
-        "identity_name": meta["identity_name"],
-        "sample": meta["sample"],
-        "domain": [meta["domain"]] * n,
-        "generator": [meta["generator"]] * n,
-        "prompt": meta["prompt"],
-        "seed": meta["seed"],
-        "t0": meta["t0"],
-        "params": meta["params"],
+        **{k: unit[k] for k in ("identity", "identity_name", "sample", "prompt", "seed", "t0", "params")},
+        "domain": [unit["domain"]] * n,
+        "generator": [unit["generator"]] * n,
     }
-    if "embedding" in meta:
-        rows["embedding"] = meta["embedding"]
-    return shards.write_shard(dataset_uri, int(unit_row["unit"]), shards.to_table(rows))
+    if unit["embedding"] is not None:
+        rows["embedding"] = unit["embedding"]
+    return shards.write_shard(dataset_uri, int(unit["unit"]), shards.to_table(rows))
 
 
 class _GeneratorActor:
-    """Ray Data callable class: builds the generator once, then maps unit rows to image rows."""
+    """Ray Data callable class: builds the generator once, then maps work-unit rows to generated units."""
 
     def __init__(self, factory: Callable[[], Generator], base_seed: int, batch_size: int):
         self.gen = factory()
         self.base_seed = base_seed
         self.batch_size = batch_size
 
-    def __call__(self, batch: dict) -> dict:
-        units = [
-            shards.WorkUnit(
-                *(
-                    int(batch[k][i])
-                    for k in ("index", "identity_start", "identity_stop", "sample_start", "sample_stop")
-                )
-            )
-            for i in range(len(batch["index"]))
-        ]
-        out = generate_unit_rows(self.gen, units, self.base_seed, self.batch_size)
-        return {
-            "unit": np.array([o["unit"] for o in out]),
-            "images": _ragged([o["images"] for o in out]),
-            "meta": np.array([o["meta"] for o in out], dtype=object),
-        }
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        units = [shards.WorkUnit(**row) for row in batch.to_pylist()]
+        return generate_unit_rows(self.gen, units, self.base_seed, self.batch_size)
 
 
-def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
-    if len({a.shape for a in arrays}) == 1:
-        return np.stack(arrays)
-    out = np.empty(len(arrays), dtype=object)
-    out[:] = arrays
-    return out
+def _write_batch(batch: pa.Table, dataset_uri: str, cfg: StageConfig) -> pa.Table:
+    records = [write_unit(dataset_uri, unit, cfg) for unit in batch.to_pylist()]
+    return pa.table({"record": [json.dumps(r) for r in records]})
 
 
-def _write_batch(batch: dict, dataset_uri: str, cfg: StageConfig) -> dict:
-    records = [
-        write_unit(dataset_uri, {k: batch[k][i] for k in batch}, cfg) for i in range(len(batch["unit"]))
-    ]
-    return {"record": np.array([json.dumps(r) for r in records], dtype=object)}
+StageResult = shards.WriteResult
 
 
-@dataclass
-class StageResult:
-    """What a generation run did."""
+def dataset_plan(
+    units: list[shards.WorkUnit], base_seed: int, cfg: StageConfig, settings: dict
+) -> manifest.Plan:
+    """The plan a generation run pins in its dataset: what decides the shards' bytes, nothing else.
 
-    committed_before: int
-    committed_now: int
-    units_total: int
-    images: int
-    seconds: float
-
-    @property
-    def images_per_s(self) -> float:
-        return self.images / max(self.seconds, 1e-9)
-
-
-class _Committer:
-    """Driver-side manifest commits, batched in time (a kill loses at most the last few units' commits)."""
-
-    def __init__(self, dataset_uri: str, units_total: int, every_s: float, total_pending: int):
-        from tqdm import tqdm
-
-        self.uri, self.units_total, self.every_s = dataset_uri, units_total, every_s
-        self.pending: list[dict] = []
-        self.last = time.monotonic()
-        self.done = 0
-        self.images = 0
-        self.bar = tqdm(total=total_pending, unit="shard", desc=f"generate -> {dataset_uri}", mininterval=2)
-
-    def add(self, record: dict) -> None:
-        self.pending.append(record)
-        self.images += record["rows"]
-        self.bar.update(1)
-        if time.monotonic() - self.last >= self.every_s:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.pending:
-            manifest.commit(self.uri, self.pending, units_total=self.units_total)
-            telemetry.inc("facesynth_shards_committed", len(self.pending), "shards committed to manifests")
-            self.done += len(self.pending)
-            self.pending = []
-        self.last = time.monotonic()
-
-    def close(self) -> None:
-        self.flush()
-        self.bar.close()
+    ``settings`` are the generator's own (JSON values); batch sizes, actors and output are not part of
+    it, because per-row seeds make the bytes independent of them.
+    """
+    layout = json.dumps([u.to_dict() for u in units], separators=(",", ":")).encode()
+    return manifest.Plan(
+        len(units),
+        {
+            "seed": base_seed,
+            "units_sha256": hashlib.sha256(layout).hexdigest(),
+            "encoding": cfg.model_dump(include={"image_format", "png_compression", "jpeg_quality"}),
+            "generator": settings,
+        },
+    )
 
 
 def _run(
     units: Iterable[shards.WorkUnit],
     dataset_uri: str,
     cfg: StageConfig,
+    base_seed: int,
+    settings: dict,
     records: Callable[[list[shards.WorkUnit]], Iterable[dict]],
 ) -> StageResult:
-    """Skip committed units, commit the shard records ``records(pending)`` yields, and time it."""
+    """Write the uncommitted ``units`` through ``records(pending)`` with the shared skip/commit loop."""
     units = list(units)
-    committed = manifest.load(dataset_uri).shards
-    pending = [u for u in units if u.index not in committed]
-    log.info("%s: %d units committed, %d to generate", dataset_uri, len(committed), len(pending))
-    committer = _Committer(dataset_uri, len(units), cfg.commit_every_s, len(pending))
-    start = time.perf_counter()
-    if pending:
-        for record in records(pending):
-            committer.add(record)
-    committer.close()
-    return StageResult(
-        len(committed), committer.done, len(units), committer.images, time.perf_counter() - start
+    by_index = {u.index: u for u in units}
+    return shards.write_units(
+        dataset_uri,
+        dataset_plan(units, base_seed, cfg, settings),
+        list(by_index),
+        lambda pending: records([by_index[k] for k in pending]),
+        commit_every_s=cfg.commit_every_s,
+        rehash_committed=cfg.verify_committed,
+        desc="generate",
     )
 
 
@@ -279,8 +234,10 @@ def run_ray(
     *,
     base_seed: int,
     cfg: StageConfig,
+    settings: dict,
 ) -> StageResult:
-    """Generate the uncommitted ``units`` through Ray Data and commit their shards."""
+    """Generate the uncommitted ``units`` through Ray Data and commit their shards (``settings``: the
+    generator's, pinned in the dataset's plan)."""
 
     def records(pending: list[shards.WorkUnit]) -> Iterable[dict]:
         import ray.data
@@ -295,18 +252,18 @@ def run_ray(
             compute=ray.data.ActorPoolStrategy(
                 min_size=cfg.min_actors, max_size=max(cfg.min_actors, cfg.max_actors)
             ),
-            batch_format="numpy",
+            batch_format="pyarrow",
         )
         ds = ds.map_batches(
             _write_batch,
             fn_kwargs={"dataset_uri": dataset_uri, "cfg": cfg},
             batch_size=1,
             num_cpus=cfg.encoders_cpus,
-            batch_format="numpy",
+            batch_format="pyarrow",
         )
         return (json.loads(row["record"]) for row in ds.iter_rows())
 
-    return _run(units, dataset_uri, cfg, records)
+    return _run(units, dataset_uri, cfg, base_seed, settings, records)
 
 
 def run_plain(
@@ -316,6 +273,7 @@ def run_plain(
     *,
     base_seed: int,
     cfg: StageConfig,
+    settings: dict,
 ) -> StageResult:
     """The same per-unit work in one process, no Ray (baseline and debugging path)."""
 
@@ -323,10 +281,10 @@ def run_plain(
         gen = factory()
         for i in range(0, len(pending), cfg.units_per_call):
             batch = pending[i : i + cfg.units_per_call]
-            for unit_row in generate_unit_rows(gen, batch, base_seed, cfg.batch_size):
-                yield write_unit(dataset_uri, unit_row, cfg)
+            for unit in generate_unit_rows(gen, batch, base_seed, cfg.batch_size).to_pylist():
+                yield write_unit(dataset_uri, unit, cfg)
 
-    return _run(units, dataset_uri, cfg, records)
+    return _run(units, dataset_uri, cfg, base_seed, settings, records)
 
 
 class UnitPlan(StrictModel):
@@ -341,6 +299,15 @@ class UnitPlan(StrictModel):
         return shards.plan_units(self.count, self.samples_per_identity, self.per_unit, self.offset)
 
 
+def claim_output(
+    units: list[shards.WorkUnit], output: str, *, base_seed: int, stage: StageConfig, settings: dict
+) -> manifest.Plan:
+    """Make ``output`` this run's dataset before anything is written there (see :func:`manifest.claim`)."""
+    plan = dataset_plan(units, base_seed, stage, settings)
+    manifest.claim(output, plan)
+    return plan
+
+
 def generate_dataset(
     units: list[shards.WorkUnit],
     factory: Callable[[], Generator],
@@ -348,18 +315,20 @@ def generate_dataset(
     *,
     base_seed: int,
     stage: StageConfig,
+    settings: dict,
     resolved_config,
     title: str,
     use_ray: bool = True,
 ) -> StageResult:
-    """Run a generation job end to end: resolved config, generation (resumable), cleanup, ``card.md``."""
+    """Run a generation job end to end: claim the output, resolved config, generation (resumable), ``card.md``.
+
+    ``settings`` are the generator's settings that decide the images; a rerun with other ones is refused.
+    """
     from facesynth.config import save_resolved
 
+    claim_output(units, output, base_seed=base_seed, stage=stage, settings=settings)
     save_resolved(resolved_config, output)
     run = run_ray if use_ray else run_plain
-    result = run(units, factory, output, base_seed=base_seed, cfg=stage)
-    stray = shards.remove_uncommitted(output)
-    if stray:
-        log.info("removed %d uncommitted leftovers of earlier runs", len(stray))
+    result = run(units, factory, output, base_seed=base_seed, cfg=stage, settings=settings)
     shards.write_card(output, resolved_config.model_dump(mode="json"), title=title)
     return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import random
@@ -106,13 +107,28 @@ def s3_bucket(moto_server, monkeypatch):
     storage._s3_filesystem.cache_clear()
 
 
-class FaultProxy:
-    """HTTP proxy to the moto server that answers 503 SlowDown to a fraction of requests."""
+@pytest.fixture
+def s3_atomic_bucket(s3_bucket, moto_server, monkeypatch):
+    """``s3_bucket`` reached through a proxy that forwards one request at a time, for tests of concurrent
+    conditional writes (see :class:`FaultProxy`); subprocesses started by the test inherit it."""
+    proxy = FaultProxy(moto_server.port, fail_rate=0.0, atomic=True)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    yield s3_bucket
+    proxy.stop()
 
-    def __init__(self, target_port: int, fail_rate: float, seed: int = 0):
+
+class FaultProxy:
+    """HTTP proxy to the moto server that answers 503 SlowDown to a fraction of requests.
+
+    ``atomic``: forward one request at a time. moto checks ``If-None-Match``/``If-Match`` and then stores
+    in two steps, so two concurrent conditional PUTs can both succeed; S3 decides them atomically.
+    """
+
+    def __init__(self, target_port: int, fail_rate: float, seed: int = 0, *, atomic: bool = False):
         self.rng = random.Random(seed)
         self.fail_rate = fail_rate
         self.lock = threading.Lock()
+        self.forwarding = threading.Lock() if atomic else contextlib.nullcontext()
         self.failed = 0
         self.forwarded = 0
         proxy = self
@@ -158,9 +174,10 @@ class FaultProxy:
                     if k.lower() not in ("connection", "transfer-encoding", "content-length", "expect")
                 }
                 headers["Content-Length"] = str(len(body))
-                conn.request(self.command, self.path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
+                with proxy.forwarding:
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length"):

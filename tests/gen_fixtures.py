@@ -35,6 +35,9 @@ class NoiseGenerator(Generator):
         )
 
 
+SETTINGS = {"noise": 16}  # the settings tests pin for make_noise(16) datasets
+
+
 def make_noise(size: int = 16, delay: float = 0.0):
     return NoiseGenerator(size, delay)
 
@@ -53,9 +56,9 @@ def main(argv: list[str]) -> None:
         import ray
 
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        run_ray(units, factory, uri, base_seed=7, cfg=cfg)
+        run_ray(units, factory, uri, base_seed=7, cfg=cfg, settings=SETTINGS)
     else:
-        run_plain(units, factory, uri, base_seed=7, cfg=cfg)
+        run_plain(units, factory, uri, base_seed=7, cfg=cfg, settings=SETTINGS)
     shards.remove_uncommitted(uri)
 
 

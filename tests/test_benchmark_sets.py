@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from facesynth import binsets
-from synthgen.benchmark_sets import FOLDS, build_benchmark, read_template_set
+from facesynth.binsets import read_template_set
+from synthgen.benchmark_sets import FOLDS, build_benchmark
 
 OFFSET, IDENTITIES = 1_000_000, 30
 COUNTS = {"lfw-like": 40, "cfp-fp-like": 60, "agedb-like": 40, "ijbc-like": 100}

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from facesynth.config import ConfigError, find_config, load_config, save_resolved
-from jobs.render import RenderJob
+from synthgen.generate import GenerateJob as RenderJob
 from tests.conftest import ROOT
 
 
@@ -20,14 +20,14 @@ def test_preset_plus_overrides_are_typed(tmp_path):
         [
             "output=s3://bucket/run",
             "identities.count=7",
-            "renderer.nuisance.yaw_range=[-5, 5]",
+            "generator.nuisance.yaw_range=[-5, 5]",
             "stage.num_gpus=1",
-            "grid.styles=[photo]",
+            "generator.preview_styles=[photo]",
         ],
     )
     assert cfg.output == "s3://bucket/run" and cfg.identities.count == 7
-    assert cfg.renderer.nuisance.yaw_range == (-5.0, 5.0) and cfg.stage.num_gpus == 1.0
-    assert cfg.grid.styles == ["photo"]
+    assert cfg.generator.nuisance.yaw_range == (-5.0, 5.0) and cfg.stage.num_gpus == 1.0
+    assert cfg.generator.preview_styles == ["photo"]
     uri = save_resolved(cfg, str(tmp_path))
     again = load_config(RenderJob, uri)
     assert again == cfg
@@ -40,10 +40,22 @@ def test_preset_plus_overrides_are_typed(tmp_path):
         ("bogus=1", "bogus", "unknown key"),
         ("identities.count=-4", "identities.count", "greater than or equal to 1"),
         ("identities.count=many", "identities.count", "valid integer"),
+        ("identities.count=true", "identities.count", "expected a number, not a boolean"),
+        ("stage.num_gpus=false", "stage.num_gpus", "expected a number, not a boolean"),
+        (
+            "generator.nuisance.yaw_range=[true, 5]",
+            "generator.procedural.nuisance.yaw_range.0",
+            "not a boolean",
+        ),
+        ("ray.num_cpus=true", "ray.num_cpus", "expected a number, not a boolean"),
         ("stage.batch_size=0", "stage.batch_size", "greater than or equal to 1"),
-        ("renderer.style=cartoon", "renderer.style", "pattern"),
-        ("renderer.size=512", "renderer.size", "less than or equal to 128"),
-        ("renderer.nuisance.yaw_range=[30, -30]", "renderer.nuisance", "yaw_range: low 30.0 is above high"),
+        ("generator.style=cartoon", "generator.procedural.style", "pattern"),
+        ("generator.size=512", "generator.procedural.size", "less than or equal to 128"),
+        (
+            "generator.nuisance.yaw_range=[30, -30]",
+            "generator.procedural.nuisance",
+            "yaw_range: low 30.0 is above high",
+        ),
     ],
 )
 def test_errors_name_the_key(override, key, why):
@@ -54,7 +66,11 @@ def test_errors_name_the_key(override, key, why):
 
 def test_missing_required_and_bad_override_syntax(tmp_path):
     with pytest.raises(ConfigError, match="output: Field required"):
-        load_config(RenderJob, None, ["identities.count=1", "identities.samples_per_identity=1"])
+        load_config(
+            RenderJob,
+            None,
+            ["identities.count=1", "identities.samples_per_identity=1", "generator.kind=procedural"],
+        )
     with pytest.raises(ConfigError, match="expected key=value"):
         load_config(RenderJob, "render-quickstart", ["identities.count"])
     with pytest.raises(ConfigError, match="identities.count is not a section"):
@@ -84,9 +100,7 @@ def test_every_preset_validates():
     import glob
     import os
 
-    from jobs.render import RenderJob as Render
-
-    jobs = {"render": Render}
+    jobs = {"render": RenderJob}
     for path in sorted(glob.glob(os.path.join(ROOT, "configs", "render-*.yaml"))):
         load_config(jobs["render"], path)
         assert yaml.safe_load(open(path))

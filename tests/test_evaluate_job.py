@@ -1,4 +1,4 @@
-"""jobs.evaluate: metrics equal the library computed directly, report files, input errors before work."""
+"""The evaluate job (recog.evaluate.run): metrics equal the library computed directly, report files, input errors before work."""
 
 from __future__ import annotations
 
@@ -11,14 +11,16 @@ import yaml
 from PIL import Image
 
 from facesynth import binsets, storage
+from facesynth.binsets import read_template_set
 from facesynth.face_model import load_face_model
-from jobs.evaluate import EvaluateJob, evaluate, main
+from facesynth.images import encode as encode_images
+from jobs.evaluate import main
 from recog.backbones import build_backbone
+from recog.evaluate import EvaluateJob, run
 from recog.export import export_embedder
 from recog.roc import pool_templates, tar_at_fmr, template_pair_scores
 from recog.verification import verify_embeddings
-from synthgen.benchmark_sets import build_benchmark, read_template_set
-from synthgen.stage import encode_images
+from synthgen.benchmark_sets import build_benchmark
 
 torch.set_num_threads(2)
 SIZE = 32
@@ -65,7 +67,7 @@ def _direct_pairs(model: str, uri: str, **overrides):
 
 def test_metrics_and_report_match_direct_computation(model, bench, tmp_path):
     out = str(tmp_path / "eval")
-    metrics = evaluate(_cfg(model, bench, out))
+    metrics = run(_cfg(model, bench, out)).metrics
     written = json.loads(storage.read_bytes(f"{out}/metrics.json"))
     assert written == json.loads(json.dumps(metrics))
     assert list(written["sets"]) == ["lfw-like", "cfp"]
@@ -125,9 +127,9 @@ def test_overrides_and_cli(model, bench, tmp_path, capsys):
     config = tmp_path / "eval.yaml"
     config.write_text(yaml.safe_dump({"model": model, "sets": [{"uri": f"{bench}/lfw-like.bin"}]}))
     out = str(tmp_path / "cli")
-    metrics = main(
-        ["--config", str(config), f"output={out}", "channel_order=BGR", "flip_fusion=norm_weighted"]
-    )
+    code = main(["--config", str(config), f"output={out}", "channel_order=BGR", "flip_fusion=norm_weighted"])
+    assert code == 0
+    metrics = json.loads(storage.read_bytes(f"{out}/metrics.json"))
     result, _ = _direct_pairs(
         model, f"{bench}/lfw-like.bin", channel_order="BGR", flip_fusion="norm_weighted"
     )
@@ -140,8 +142,8 @@ def test_overrides_and_cli(model, bench, tmp_path, capsys):
 
 
 def test_ray_actors_give_the_in_process_numbers(model, bench, tmp_path, ray_local):
-    local = evaluate(_cfg(model, bench, str(tmp_path / "local")))
-    spread = evaluate(_cfg(model, bench, str(tmp_path / "ray"), num_workers=2))
+    local = run(_cfg(model, bench, str(tmp_path / "local"))).metrics
+    spread = run(_cfg(model, bench, str(tmp_path / "ray"), num_workers=2)).metrics
     for name in ("lfw-like", "cfp"):
         a, b = local["sets"][name], spread["sets"][name]
         assert b["accuracy"] == pytest.approx(a["accuracy"], abs=1e-12)
@@ -174,12 +176,12 @@ def test_bad_inputs_fail_before_work_and_write_nothing(model, bench, tmp_path):
     for uri, message in _bad_bins(tmp_path, bench).values():
         cfg = _cfg(model, bench, str(out), sets=[{"uri": f"{bench}/lfw-like.bin"}, {"uri": uri}])
         with pytest.raises(ValueError, match=message):
-            evaluate(cfg)
+            run(cfg)
         assert not out.exists()
     with pytest.raises(FileNotFoundError, match="no model.json"):
-        evaluate(_cfg(str(tmp_path / "no-model"), bench, str(out)))
+        run(_cfg(str(tmp_path / "no-model"), bench, str(out)))
     with pytest.raises(FileNotFoundError, match="templates.parquet"):
-        evaluate(_cfg(model, bench, str(out), tar_pairs=[{"uri": str(tmp_path)}]))
+        run(_cfg(model, bench, str(out), tar_pairs=[{"uri": str(tmp_path)}]))
     assert not out.exists()
 
 
@@ -188,9 +190,9 @@ def test_resize_accepts_other_sizes(model, tmp_path):
     faces = np.random.default_rng(1).integers(0, 256, (40, 64, 64, 3), dtype=np.uint8)
     uri = str(tmp_path / "big.bin")
     binsets.write_bin(uri, encode_images(faces), [i % 2 == 0 for i in range(20)])
-    metrics = evaluate(
+    metrics = run(
         EvaluateJob(model=model, sets=[{"uri": uri}], output=str(tmp_path / "o"), resize=True, nrof_folds=2)
-    )
+    ).metrics
     emb = load_face_model(model).embed(binsets.decode_images(encode_images(faces), SIZE))
     expected = verify_embeddings(emb[0::2], emb[1::2], np.arange(20) % 2 == 0, nrof_folds=2)
     assert metrics["sets"]["big"]["accuracy"] == expected.accuracy

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
 
 import numpy as np
@@ -12,9 +13,9 @@ import torch
 from torch import nn
 
 from facesynth import storage
+from facesynth.embed import embed_with_ray
 from facesynth.face_model import load_face_model, read_spec
 from recog.export import export_embedder
-from recog.verification import embed_with_ray
 
 torch.set_num_threads(1)
 DIM = 8
@@ -172,6 +173,30 @@ def test_wrong_image_size_and_embedding_dim(tmp_path, exported):
     _write_spec(tmp_path, embedding_dim=512)
     with pytest.raises(ValueError, match="embedding_dim=512"):
         load_face_model(str(tmp_path)).embed(_images(2))
+
+
+class BrightNaN(TinyNet):
+    """TinyNet whose output is NaN for bright images (mean normalised pixel above 0)."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        return torch.where(x.mean(dim=(1, 2, 3)).unsqueeze(1) > 0, out * float("nan"), out)
+
+
+def test_nan_embeddings_name_the_model_and_count_the_rows(tmp_path):
+    uri = str(tmp_path / "nan-model")
+    export_embedder(
+        BrightNaN().eval(), uri, input_size=(16, 12), embedding_dim=DIM, mean=[0.5] * 3, std=[0.5] * 3
+    )
+    images = _images(5)
+    images[[1, 3]] = 255  # bright: NaN out of the model
+    images[[0, 2, 4]] //= 4  # dark: finite
+    embedder = load_face_model(uri)
+    with pytest.raises(
+        ValueError, match=rf"{re.escape(uri)}: .*non-finite \(NaN/inf\) embeddings for 2 of 5 images"
+    ):
+        embedder.embed_set(images, batch_size=2)
+    assert np.isfinite(embedder.embed(images[[0, 2, 4]])).all()
 
 
 def test_embed_with_ray_keeps_order(exported, ray_local):

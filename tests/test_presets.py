@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 import pytest
@@ -13,28 +12,32 @@ from tests.conftest import ROOT
 
 
 def job_models() -> dict[str, type]:
-    from jobs.build_benchmark import BenchmarkJob
-    from jobs.cross_domain import CrossDomainJob
-    from jobs.dataset_quality import QualityJob
-    from jobs.demo import DemoConfig
-    from jobs.evaluate import EvaluateJob
-    from jobs.generate import GenerateConfig
-    from jobs.render import RenderJob
-    from jobs.train_idcond import TrainIdCondConfig
-    from recog.train.config import TrainConfig
+    """Preset file-name prefix -> the job config class its presets validate against (longest prefix first)."""
+    from facesynth.pipeline import PipelineJob
+    from recog.cross_domain import CrossDomainJob
+    from recog.dataset_quality import DatasetQualityJob
+    from recog.evaluate import EvaluateJob
+    from recog.train.config import TrainFRJob
+    from synthgen.benchmark_sets import BenchmarkJob
+    from synthgen.generate import GenerateJob
+    from synthgen.sd_lora.finetune import FinetuneLoraJob
+    from synthgen.uiface.train import UIFaceTrainJob
 
-    models = {
-        "render-": RenderJob,
-        "benchmark-": BenchmarkJob,
-        "train-fr-": TrainConfig,
+    return {
+        "render-": GenerateJob,
+        "build-benchmark-": BenchmarkJob,
+        "train-fr-": TrainFRJob,
         "evaluate-": EvaluateJob,
-        "quality-": QualityJob,
-        "uiface-train-": TrainIdCondConfig,
-        "uiface-": GenerateConfig,
+        "dataset-quality-": DatasetQualityJob,
+        "uiface-train-": UIFaceTrainJob,
+        "uiface-": GenerateJob,
         "cross-domain-": CrossDomainJob,
-        "demo-": DemoConfig,
+        "sd21-lora-generate": GenerateJob,
+        "sd21-lora": FinetuneLoraJob,
+        "sd-lora-": GenerateJob,
+        "finetune-lora-": FinetuneLoraJob,
+        "pipeline-": PipelineJob,
     }
-    return models
 
 
 PRESETS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
@@ -48,43 +51,60 @@ def test_preset_validates(path):
     assert cfg.model_dump()
 
 
-def test_demo_plans_every_stage_under_one_root(tmp_path):
-    from jobs.demo import STAGES, DemoConfig, plan_configs, shared_ray
+def test_every_registered_job_has_a_valid_default_preset_and_a_thin_module():
+    import ast
+
+    from facesynth.registry import JOBS
+
+    for name, spec in JOBS.items():
+        cfg = load_config(spec.config_class(), spec.preset)
+        assert cfg.model_dump() and callable(spec.run_function())
+        module = ast.parse(open(os.path.join(ROOT, "jobs", f"{name}.py")).read())
+        imported = {
+            alias.name if isinstance(node, ast.Import) else f"{node.module}.{alias.name}"
+            for node in ast.walk(module)
+            if isinstance(node, ast.Import | ast.ImportFrom)
+            for alias in node.names
+        }
+        assert imported == {"__future__.annotations", "sys", "facesynth.jobmain.job_main"}, (name, imported)
+    assert sorted(
+        os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "jobs", "[a-z]*.py"))
+    ) == sorted(JOBS)
+
+
+def test_pipeline_resolves_outputs_and_references_before_any_stage(tmp_path):
+    from facesynth.pipeline import PipelineJob, shared_ray, stage_configs
 
     root = str(tmp_path / "q")
-    planned = plan_configs(DemoConfig(output=root, overrides={"train_fr": ["train.steps=50"]}))
-    assert [name for name, _, _ in planned] == [*STAGES[:-2], "generate", "generate", "quality", "quality"]
-    outputs = [cfg.output for _, _, cfg in planned]
-    assert all(o.startswith(root) for o in outputs) and len(set(outputs)) == len(outputs)
-    by_name = {name: cfg for name, _, cfg in planned}
-    assert by_name["train_fr"].train.steps == 50
-    assert by_name["train_fr"].data.datasets[0].uri == f"{root}/render"
-    assert by_name["evaluate"].model == by_name["train_uiface"].judge == f"{root}/train-fr/model"
+    cfg = load_config(
+        PipelineJob, "pipeline-quickstart", [f"output={root}", "overrides={train_fr: [train.steps=50]}"]
+    )
+    planned = {stage.name: c for stage, c in stage_configs(cfg)}
+    assert list(planned) == [s.name for s in cfg.stages] and all(
+        c.output == f"{root}/{name}" for name, c in planned.items()
+    )
+    assert planned["train_fr"].train.steps == 50
+    assert planned["train_fr"].data.datasets[0].uri == f"{root}/render"
+    assert planned["evaluate"].model == planned["uiface_train"].judge == f"{root}/train_fr/model"
+    assert planned["quality_single"].dataset == f"{root}/uiface_single"
+    assert planned["uiface_single"].generator.sampler.mode == "single"
     # UIFace training asks for 3 logical CPUs (a 2-CPU worker + its decode step): the shared Ray offers them
-    assert by_name["train_uiface"].ray.num_cpus == 3 and shared_ray(planned).num_cpus == 3
-    with pytest.raises(ConfigError, match="unknown"):
-        plan_configs(DemoConfig(output=root, stages=["render", "paint"]))
-
-
-def test_demo_summary_keeps_stages_an_earlier_run_left(tmp_path):
-    from jobs.demo import summary_markdown, with_earlier_results
-
-    root = str(tmp_path / "q")
-    evaluate = {"sets": {"lfw-like": {"accuracy": 0.9123, "std": 0.01}}}
-    quality = {
-        "identity_consistency": {"mean": 0.72, "chance": 0.59},
-        "intra_class_diversity": {"mean": 0.63},
-        "leakage": {"flagged": [3], "identities_checked": 16, "threshold": 0.927},
-    }
-    assert with_earlier_results(root, {"evaluate": evaluate}) == ({"evaluate": evaluate}, ())
-    os.makedirs(root)
-    with open(os.path.join(root, "demo.json"), "w") as f:
-        json.dump({"evaluate": evaluate, "quality:old": {"stale": True}}, f)
-    key = f"quality:{root}/quality-adaptive"
-    merged, earlier = with_earlier_results(root, {key: quality, "quality:old": quality})
-    assert merged == {"evaluate": evaluate, "quality:old": quality, key: quality} and earlier == ("evaluate",)
-    text = summary_markdown(root, merged, earlier)
-    assert "| lfw-like | 91.23% | 1.00% |" in text
-    assert "| two-stage (adaptive t0) | 0.720 | 0.590 | 0.630 | 1 of 16 (cosine > 0.927) |" in text
-    assert "earlier run" in text and "`evaluate`" in text
-    assert "earlier run" not in summary_markdown(root, merged)
+    assert planned["uiface_train"].ray.num_cpus == 3 and shared_ray(cfg, list(planned.values())).num_cpus == 3
+    with pytest.raises(ConfigError, match=r"unknown in only/overrides \['paint'\]"):
+        load_config(PipelineJob, "pipeline-quickstart", [f"output={root}", "only=[render, paint]"])
+    bad = load_config(
+        PipelineJob, "pipeline-quickstart", [f"output={root}", "overrides={render: ['seed=${nowhere}']}"]
+    )
+    with pytest.raises(ConfigError, match=r"stages.render.overrides: unknown reference 'nowhere'"):
+        stage_configs(bad)
+    bad = load_config(
+        PipelineJob, "pipeline-quickstart", [f"output={root}", "overrides={evaluate: [nrof_folds=0]}"]
+    )
+    with pytest.raises(ConfigError, match=r"(?s)stage evaluate \(evaluate\): .*nrof_folds"):
+        stage_configs(bad)
+    with pytest.raises(
+        ConfigError, match=r"override 'overrides=\{render: \[seed=\$\{x\}\]\}': the value is not valid YAML"
+    ):
+        load_config(PipelineJob, "pipeline-quickstart", [f"output={root}", "overrides={render: [seed=${x}]}"])
+    with pytest.raises(ConfigError, match="unknown job 'paint'"):
+        load_config(PipelineJob, None, [f"output={root}", "stages=[{name: a, job: paint}]"])

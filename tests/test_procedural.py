@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from synthgen.procedural import NuisanceConfig, apply_overrides, render_faces, save_grid
+from synthgen.procedural import NuisanceConfig, apply_overrides, render_faces
 from synthgen.procedural import face as face_module
 
 CLEAN = {"jpeg": False, "blur_sigma": 0.0, "noise_sigma": 0.0}  # no camera degradations
@@ -28,7 +26,7 @@ SMALL_NUISANCE = {
     "glasses": False,
     "hat": False,
     "hand": False,
-    "mouth_open": False,
+    "mouth_open": 0.0,
     "age_range": (0.0, 0.05),
     "smile_range": (0.0, 0.2),
     "eye_closure_range": (0.0, 0.1),
@@ -183,6 +181,10 @@ def test_bad_overrides_are_clear_errors():
         render_faces(np.array([0]), np.array([0]), overrides={"yaw": 120.0})
     with pytest.raises(ValueError, match="override 'glasses'=0.5: expected True or False"):
         render_faces(np.array([0]), np.array([0]), overrides={"glasses": 0.5})
+    with pytest.raises(
+        ValueError, match=r"override 'mouth_open'=False: expected a number \(it fixes mouth_open_range\)"
+    ):
+        render_faces(np.array([0]), np.array([0]), overrides={"mouth_open": False})
 
 
 def test_nuisance_config_rejects_impossible_ranges_by_name():
@@ -223,16 +225,3 @@ def test_params_are_json_serialisable_and_complete():
         "blur_sigma",
         "glasses",
     }
-
-
-def test_save_grid_writes_rows_of_identities(tmp_path):
-    ids, samples = np.repeat(np.arange(2), 3), np.tile(np.arange(3), 2)
-    images = render_faces(ids, samples, size=32).images
-    path = tmp_path / "grid.png"
-    save_grid(images, 2, 3, str(path))
-    sheet = np.asarray(Image.open(io.BytesIO(path.read_bytes())))
-    assert sheet.shape == (64, 96, 3)
-    assert np.array_equal(sheet[32:64, 64:96], images[5])  # row 1 (identity 1), column 2 (sample 2)
-    with pytest.raises(ValueError, match=r"rows=2 x cols=2: expected positive and equal to the 6 images"):
-        save_grid(images, 2, 2, str(tmp_path / "bad.png"))
-    assert not (tmp_path / "bad.png").exists()

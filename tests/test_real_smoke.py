@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from facesynth.binsets import decode_images, decode_rgb, read_bin, write_bin
+from facesynth.binsets import decode_images, read_bin, write_bin
+from facesynth.images import decode as decode_rgb
 from synthgen.ingest.faces import FaceCropConfig, crop_face, detect_faces, extract_faces
 from tests.fetch_real_faces import PhotosUnavailable, fetch_real_faces
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_curve
 
-from recog.report import VerificationRow, save_sample_grid, verification_table, write_report
+from recog.report import VerificationRow, verification_table, write_report
 from recog.roc import FMR_TARGETS, plot_roc, pool_templates, tar_at_fmr, template_pair_scores
 from recog.verification import VerificationResult
 
@@ -130,13 +130,3 @@ def test_write_report(tmp_path):
     grid = np.asarray(Image.open(tmp_path / "out" / "samples.png"))
     assert grid.shape == (8, 5 * 6, 3)  # 5 images fit one row of 8 columns
     np.testing.assert_array_equal(grid[:, 12:18], images[2])
-
-
-def test_sample_grid_wraps_and_pads(tmp_path):
-    images = np.full((5, 4, 3, 3), 7, dtype=np.uint8)
-    save_sample_grid(images, str(tmp_path / "g.png"), ncols=2)
-    grid = np.asarray(Image.open(tmp_path / "g.png"))
-    assert grid.shape == (12, 6, 3)
-    assert (grid[8:, 3:] == 255).all() and (grid[8:, :3] == 7).all()
-    with pytest.raises(ValueError, match="uint8"):
-        save_sample_grid(images.astype(float), str(tmp_path / "bad.png"))

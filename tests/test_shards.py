@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import signal
 import subprocess
@@ -15,14 +16,14 @@ import pytest
 from facesynth import manifest, shards, storage
 from synthgen.stage import StageConfig, run_plain
 from tests.conftest import ROOT, FaultProxy
-from tests.gen_fixtures import make_noise
+from tests.gen_fixtures import SETTINGS, make_noise
 
 UNITS = shards.plan_units(24, 3, 2)
 CFG = StageConfig(batch_size=4, commit_every_s=0)
 
 
 def write(uri: str, units=UNITS) -> dict:
-    run_plain(units, functools.partial(make_noise, 16), uri, base_seed=7, cfg=CFG)
+    run_plain(units, functools.partial(make_noise, 16), uri, base_seed=7, cfg=CFG, settings=SETTINGS)
     return {k: v["sha256"] for k, v in manifest.load(uri).shards.items()}
 
 
@@ -67,7 +68,14 @@ def test_local_dataset_rows_manifest_and_card(tmp_path):
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
     a, b = write(str(tmp_path / "a")), write(str(tmp_path / "b"))
     assert a == b
-    run_plain(UNITS[:1], functools.partial(make_noise, 16), str(tmp_path / "c"), base_seed=8, cfg=CFG)
+    run_plain(
+        UNITS[:1],
+        functools.partial(make_noise, 16),
+        str(tmp_path / "c"),
+        base_seed=8,
+        cfg=CFG,
+        settings=SETTINGS,
+    )
     assert manifest.load(str(tmp_path / "c")).shards[0]["sha256"] != a[0]
 
 
@@ -143,25 +151,48 @@ def test_injected_s3_5xx_are_retried_and_nothing_partial_is_committed(
 def test_concurrent_manifest_commits_keep_every_unit(where, tmp_path, request):
     from concurrent.futures import ThreadPoolExecutor
 
-    uri = f"{request.getfixturevalue('s3_bucket')}/race" if where == "s3" else str(tmp_path / "race")
+    uri = f"{request.getfixturevalue('s3_atomic_bucket')}/race" if where == "s3" else str(tmp_path / "race")
 
-    def rec(unit, sha):
-        return {"unit": unit, "file": f"f{unit}", "rows": 1, "bytes": 1, "sha256": sha, "counts": {}}
+    plan = manifest.Plan(16, {"test": "race"})
+
+    def rec(unit, text):
+        counts = {
+            "identities": 1,
+            "domain": {"render": 1},
+            "generator": {"x": 1},
+            "per_identity": {str(unit): 1},
+        }
+        sha = hashlib.sha256(text.encode()).hexdigest()
+        return {
+            "unit": unit,
+            "file": shards.shard_file(unit),
+            "rows": 1,
+            "bytes": 1,
+            "sha256": sha,
+            "counts": counts,
+        }
 
     with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda u: manifest.commit(uri, [rec(u, f"h{u}")], units_total=16), range(16)))
+        list(pool.map(lambda u: manifest.commit(uri, [rec(u, f"h{u}")], plan), range(16)))
     m = manifest.load(uri)
     assert sorted(m.shards) == list(range(16)) and m.complete
     with pytest.raises(RuntimeError, match="not deterministic"):
-        manifest.commit(uri, [rec(1, "other")])
+        manifest.commit(uri, [rec(1, "other")], plan)
 
 
 def test_uncommitted_leftovers_are_removed(tmp_path):
     uri = str(tmp_path / "ds")
     write(uri, UNITS[:2])
-    stray = os.path.join(uri, "shards", "part-00009.parquet.tmp-abc")
-    open(stray, "wb").write(b"partial")
-    assert shards.remove_uncommitted(uri) == [stray]
+    stray = os.path.join(uri, "shards", f"part-00009.parquet.tmp-{'ab' * 16}")
+    uncommitted = os.path.join(uri, "shards", "part-00004.parquet")
+    users = [
+        os.path.join(uri, "shards", name)
+        for name in ("notes.txt", "part-1.parquet", "part-00001.parquet.bak")
+    ]
+    for path in (stray, uncommitted, *users):
+        open(path, "wb").write(b"partial")
+    assert shards.remove_uncommitted(uri) == sorted([uncommitted, stray])
+    assert all(os.path.exists(p) for p in users)  # not our names: never deleted
     assert len(list(shards.iter_rows(uri))) == 12
 
 

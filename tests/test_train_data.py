@@ -14,22 +14,22 @@ from PIL import Image
 from pydantic import TypeAdapter
 
 from facesynth import shards
-from facesynth.binsets import decode_rgb
 from facesynth.config import ConfigError, load_config
+from facesynth.images import decode as decode_rgb
 from recog.data_sources import write_recordio
+from recog.train import data as train_data
 from recog.train.augment import AugmentList, augment_image, row_rng
-from recog.train.config import DataConfig, OptimConfig, TrainConfig
+from recog.train.config import DataConfig, OptimConfig, TrainFRJob
 from recog.train.data import (
     LabelMap,
-    chunk_plan,
+    TrainingData,
     epoch_extra_keys,
     epoch_quotas,
     inspect_data,
-    read_chunks,
     steps_per_epoch,
 )
 from recog.train.optim import build_optimizer, build_scheduler, lr_factor
-from recog.train.trainer import train_fr
+from recog.train.trainer import run as train_fr
 from tests.test_train_fixtures import tiny_config, write_faces
 
 torch.set_num_threads(2)
@@ -43,25 +43,19 @@ def faces(tmp_path_factory):
 
 
 def _stream(sources, labels, cfg: DataConfig, epochs: int, seed: int = 0) -> list[dict]:
-    """Run the Ray Data UDF by hand over the plan: the rows of ``epochs`` epochs in stream order."""
-    extra = {
-        (e, i): epoch_extra_keys(s.keys, q % s.rows, seed, e, i)
-        for e in range(epochs)
-        for i, (s, q) in enumerate(
-            zip(
-                sources,
-                epoch_quotas([s.rows for s in sources], [s.spec.weight for s in sources], cfg.epoch_rows),
-                strict=True,
-            )
-        )
-        if q % s.rows
-    }
+    """Run the Ray Data UDF by hand over one worker's plan, batch 1: every row of ``epochs`` epochs in order."""
+    data = TrainingData.plan(sources, labels, cfg, input_size=32, seed=seed, epochs=epochs)
+    rows = sum(data.quotas)
     out = []
-    for chunk in chunk_plan(sources, cfg, seed=seed, epochs=epochs):
-        batch = {k: np.array([v]) for k, v in chunk.items()}
-        for part in read_chunks(batch, sources, labels, extra, cfg, 32, seed):
+    for item in data.rank_windows(rank=0, world=1, batch_size=1, start_step=0, stop_step=epochs * rows):
+        for part in data.read_window(item):
             out += [
-                {"epoch": chunk["epoch"], "source": chunk["source"], "image": im, "label": int(lb)}
+                {
+                    "epoch": item["epoch"],
+                    "source": int(lb >= labels.offsets[-1]),
+                    "image": im,
+                    "label": int(lb),
+                }
                 for im, lb in zip(part["image"], part["label"], strict=True)
             ]
     return out
@@ -225,7 +219,7 @@ def test_config_names_the_bad_key():
     }
     for override, key in cases.items():
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-            load_config(TrainConfig, None, [*base, override])
+            load_config(TrainFRJob, None, [*base, override])
 
 
 def test_bad_input_fails_before_training_and_writes_nothing(tmp_path, faces):
@@ -260,3 +254,60 @@ def test_bad_input_fails_before_training_and_writes_nothing(tmp_path, faces):
         with pytest.raises(ValueError, match=message):
             train_fr(cfg)
     assert not os.path.exists(out) and not ray.is_initialized()
+
+
+def test_a_shard_damaged_after_the_footer_check_stops_training_naming_it(tmp_path):
+    uri = write_faces(str(tmp_path / "ds"), identities=4, samples=2)
+    path = os.path.join(uri, shards.shard_file(1))
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0xFF  # inside the image column: the parquet footer still reads
+    open(path, "wb").write(bytes(data))
+    cfg = DataConfig(datasets=[{"uri": uri}])
+    sources, labels = inspect_data(cfg, 32)
+    with pytest.raises(shards.CorruptShard, match=r"ds/shards/part-00001.parquet: sha256"):
+        _stream(sources, labels, cfg, epochs=1)
+
+
+def _batches(
+    data: TrainingData, *, rank: int, world: int, start: int, stop: int, batch: int
+) -> list[np.ndarray]:
+    """Worker ``rank``'s decoded images of steps ``[start, stop)``, one array per step."""
+    items = data.rank_windows(rank=rank, world=world, batch_size=batch, start_step=start, stop_step=stop)
+    images = np.concatenate([part["image"] for item in items for part in data.read_window(item)])
+    return list(images.reshape(stop - start, batch, *images.shape[1:]))
+
+
+def test_workers_split_each_epoch_and_a_resume_seeks_without_decoding_earlier_rows(faces, monkeypatch):
+    cfg = DataConfig(
+        datasets=[{"uri": faces[0], "weight": 0.25}, {"uri": faces[1], "weight": 0.75}],
+        epoch_rows=24,
+        shuffle_buffer=7,
+        decode_batch=3,
+        augment=[{"name": "rotate"}],
+    )
+    sources, labels = inspect_data(cfg, 32)
+    data = TrainingData.plan(sources, labels, cfg, input_size=32, seed=5, epochs=4)
+    # two workers, batch 4: 3 steps per epoch each, disjoint rows that together are the epoch's first 24
+    whole = _batches(data, rank=0, world=1, start=0, stop=12, batch=4)  # 6 steps an epoch, 2 epochs
+    ranks = [_batches(data, rank=r, world=2, start=0, stop=6, batch=4) for r in (0, 1)]
+    for epoch in (0, 1):
+        steps = slice(epoch * 3, epoch * 3 + 3)
+        assert np.array_equal(
+            np.concatenate(ranks[0][steps] + ranks[1][steps]),
+            np.concatenate(whole[2 * steps.start : 2 * steps.stop]),
+        )
+
+    uninterrupted = _batches(data, rank=1, world=2, start=0, stop=12, batch=4)
+    decoded = []
+    real = train_data.decode_augment
+    monkeypatch.setattr(
+        train_data, "decode_augment", lambda encoded, *a: decoded.append(len(encoded)) or real(encoded, *a)
+    )
+    for start in range(12):  # resume at any step of 4 epochs: the same batch, decoding only rows from it on
+        decoded.clear()
+        items = data.rank_windows(rank=1, world=2, batch_size=4, start_step=start, stop_step=12)
+        parts, rows = (p["image"] for it in items for p in data.read_window(it)), []
+        while sum(map(len, rows)) < 4:
+            rows.append(next(parts))
+        assert sum(decoded) < 4 + cfg.decode_batch  # the same for every step: no earlier row is decoded
+        assert np.array_equal(np.concatenate(rows)[:4], uninterrupted[start])

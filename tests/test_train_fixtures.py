@@ -8,7 +8,7 @@ import numpy as np
 
 from facesynth import shards
 from facesynth.config import load_config
-from recog.train.config import TrainConfig
+from recog.train.config import TrainFRJob
 from synthgen.procedural import render_faces
 from synthgen.stage import Generated, Generator, StageConfig, run_plain
 
@@ -47,11 +47,12 @@ def write_faces(
         uri,
         base_seed=seed,
         cfg=StageConfig(batch_size=64, commit_every_s=0),
+        settings={},
     )
     return uri
 
 
-def tiny_config(output: str, datasets: list[str], *overrides: str) -> TrainConfig:
+def tiny_config(output: str, datasets: list[str], *overrides: str) -> TrainFRJob:
     """An IResNet-18 of width 1/8 at 32 px with a CosFace head, 1 CPU worker, through the real loader."""
     items = ", ".join(f"{{uri: '{d}'}}" for d in datasets)
     base = [
@@ -74,7 +75,7 @@ def tiny_config(output: str, datasets: list[str], *overrides: str) -> TrainConfi
         "train.checkpoint_every=4",
         "scaling.cpus_per_worker=0.5",
     ]
-    return load_config(TrainConfig, None, [*base, *overrides])
+    return load_config(TrainFRJob, None, [*base, *overrides])
 
 
 def test_write_faces_gives_identity_major_rows(tmp_path):

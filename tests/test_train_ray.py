@@ -16,7 +16,7 @@ from facesynth import storage
 from facesynth.config import to_yaml
 from jobs.train_fr import main
 from recog.train.loop import STATE_FILE
-from recog.train.trainer import train_fr
+from recog.train.trainer import run as train_fr
 from tests.test_train_fixtures import tiny_config, write_faces
 
 torch.set_num_threads(2)
@@ -132,7 +132,7 @@ def test_job_trains_a_closed_set_resnet18_classifier(ray_local, faces, tmp_path,
         "data.augment=[{name: flip}, {name: rotate}, {name: color_jitter}, {name: grayscale}]",
     )
     (tmp_path / "closed.yaml").write_text(to_yaml(cfg))
-    main(["--config", str(tmp_path / "closed.yaml"), "train.steps=4"])
+    assert main(["--config", str(tmp_path / "closed.yaml"), "train.steps=4"]) == 0
     printed = capsys.readouterr().out
     summary = json.loads(printed[printed.rindex("\n{\n") + 1 :] if "\n{\n" in printed else printed)
     assert summary["steps"] == 4 and summary["num_classes"] == 8 and summary["model_uri"] == f"{out}/model"

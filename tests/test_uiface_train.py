@@ -12,20 +12,21 @@ from PIL import Image
 from torch import nn
 
 from facesynth import shards, storage
-from jobs.train_idcond import TrainIdCondConfig, train
-from synthgen.identity_embeddings import JudgeEmbedder, load_npy
+from synthgen.identity_embeddings import embedded_dataset, load_npy
 from synthgen.stage import Generated, Generator, StageConfig, run_plain
 from synthgen.uiface.model import preset
 from synthgen.uiface.sampler import SamplerConfig, sample
 from synthgen.uiface.train import (
     STATE_FILE,
     UIFaceModelSource,
+    UIFaceTrainJob,
     check_inputs,
     load_uiface,
     prepare_batch,
     save_uiface,
     step_seed,
 )
+from synthgen.uiface.train import run as train
 
 torch.set_num_threads(2)
 
@@ -60,7 +61,9 @@ class Patterns(Generator):
 @pytest.fixture(scope="module")
 def faces(tmp_path_factory):
     uri = str(tmp_path_factory.mktemp("faces") / "ds")
-    run_plain(shards.plan_units(4, 8, 2), Patterns, uri, base_seed=1, cfg=StageConfig(batch_size=16))
+    run_plain(
+        shards.plan_units(4, 8, 2), Patterns, uri, base_seed=1, cfg=StageConfig(batch_size=16), settings={}
+    )
     return uri
 
 
@@ -85,7 +88,7 @@ def judge(tmp_path_factory):
     return str(folder)
 
 
-def job(data, output, **overrides) -> TrainIdCondConfig:
+def job(data, output, **overrides) -> UIFaceTrainJob:
     train_cfg = {
         "batch_size": 8,
         "lr": 1e-3,
@@ -96,7 +99,7 @@ def job(data, output, **overrides) -> TrainIdCondConfig:
         "judge_batch_size": 16,
         **overrides.pop("train", {}),
     }
-    return TrainIdCondConfig.model_validate(
+    return UIFaceTrainJob.model_validate(
         {
             "data": data,
             "output": output,
@@ -188,10 +191,10 @@ def test_rerun_resumes_from_the_checkpoint(ray_local, faces, tmp_path):
     np.testing.assert_allclose(load_npy(f"{again.model_uri}/identities.npy"), unit, rtol=1e-5, atol=1e-6)
 
 
-def test_judge_embeddings_follow_the_model_contract(faces, judge):
+def test_judge_embeddings_follow_the_model_contract(ray_local, faces, judge):
     """Resize to input_size, ((x/255)-mean)/std, sum of plain and flipped outputs, L2-normalised."""
     rows = list(shards.iter_rows(faces, columns=["image"]))[:5]
-    out = JudgeEmbedder(judge, batch_size=4)({"image": np.array([r["image"] for r in rows], dtype=object)})
+    out = embedded_dataset(faces, judge_uri=judge, judge_batch_size=4).take_batch(5, batch_format="numpy")
     pil = [Image.open(io.BytesIO(r["image"])).resize((24, 24), Image.Resampling.BILINEAR) for r in rows]
     x = (
         torch.from_numpy(np.stack([np.asarray(p) for p in pil])).permute(0, 3, 1, 2).float() / 255 - 0.5

@@ -1,1 +1,1 @@
-"""Face-recognition training on Ray Train: ``train_fr(TrainConfig) -> TrainResult``."""
+"""Face-recognition training on Ray Train: ``recog.train.trainer.run(TrainFRJob) -> TrainResult``."""

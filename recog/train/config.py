@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from facesynth.config import StrictModel
+from facesynth.config import OutputUri, StrictModel
 from facesynth.face_model import FlipFusion, Std
 from facesynth.runtime import RayConfig
 from recog.backbones import BACKBONES
@@ -80,9 +80,13 @@ class DataConfig(StrictModel):
     epoch_rows: int | None = Field(None, ge=1, description="rows per epoch (default: all sources' rows)")
     augment: AugmentList = Field(default_factory=default_augment)
     shuffle: Literal["local", "none"] = Field(
-        "local", description="local: permute each epoch's read chunks and the rows in each, plus a buffer"
+        "local", description="local: permute each epoch's read chunks, and the rows of every window of them"
     )
-    shuffle_buffer: int = Field(2048, ge=1, description="local shuffle buffer per worker, in rows")
+    shuffle_buffer: int = Field(
+        2048,
+        ge=1,
+        description="rows permuted together: consecutive read chunks are grouped into windows of at least this many",
+    )
     decode_batch: int = Field(64, ge=1, description="rows per decode+augment task batch")
     decode_cpus: float = Field(1.0, gt=0, description="CPUs per decode+augment task")
     prefetch_batches: int = Field(2, ge=0)
@@ -141,12 +145,12 @@ class TrainSection(StrictModel):
     log_every: int = Field(10, ge=1)
 
 
-class TrainConfig(StrictModel):
+class TrainFRJob(StrictModel):
     """``python -m jobs.train_fr`` / ``recog.train.train_fr``: everything one training run needs."""
 
-    output: str = Field(description="URI for the exported model, report.md and the resolved config")
+    output: OutputUri = Field(description="URI for the exported model, report.md and the resolved config")
     run_name: str = Field("train", pattern=r"^[A-Za-z0-9._-]+$")
-    storage: str | None = Field(None, description="checkpoint URI (default: <output>/checkpoints)")
+    storage: OutputUri | None = Field(None, description="checkpoint URI (default: <output>/checkpoints)")
     model: ModelConfig = ModelConfig()
     data: DataConfig
     optim: OptimConfig = OptimConfig()
@@ -155,7 +159,7 @@ class TrainConfig(StrictModel):
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
-    def _consistent(self) -> TrainConfig:
+    def _consistent(self) -> TrainFRJob:
         bad = [m for m in self.optim.milestones if not 0 < m < self.train.steps]
         if bad:
             raise ValueError(f"optim.milestones={bad}: expected steps in (0, train.steps={self.train.steps})")

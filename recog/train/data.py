@@ -1,4 +1,4 @@
-"""Training data as one Ray Data stream: sources, labels, epoch mixing, decode + augment on CPU.
+"""Training data as Ray Data streams, one per worker: sources, labels, epoch mixing, decode + augment on CPU.
 
 Sources (``DatasetSpec.kind``): facesynth shard datasets (committed shards only), image folders
 (one sub-folder per identity) and insightface RecordIO ``.rec/.idx``. Each is inspected once on
@@ -17,26 +17,34 @@ replacement by a generator seeded with (seed, epoch, i). With one source and no 
 epoch is a plain pass over the data. With ``W`` workers and batch ``B`` an epoch gives
 ``(E // W) // B`` steps per worker.
 
-The stream is planned on the driver as a list of read chunks (a shard file, or ``ROWS_PER_CHUNK``
-rows of a folder / RecordIO source), epoch after epoch; ``shuffle: local`` permutes the chunks of
-each epoch and the rows inside each chunk (and the trainer adds a local shuffle buffer). One
-fused Ray Data task per chunk reads, repeats, labels, decodes and augments its rows, so the whole
-run is a single streaming operator whose output order is the plan's.
+Order: an epoch is one sequence of rows, known without reading any image. Its read chunks (a shard
+file, or ``ROWS_PER_CHUNK`` rows of a folder / RecordIO source) come in a per-epoch permuted order
+(``shuffle: local``); consecutive chunks are grouped into windows of at least ``shuffle_buffer``
+rows, and each window's rows (with their repeats) are permuted as one. Of the first ``S * W * B``
+rows (``S`` steps per epoch) worker ``r`` takes the ``r``-th contiguous range of ``S * B``; its batch
+at step ``k`` is rows ``k * B ...`` of that range. So a resumed run starts reading at the window that
+holds its step and decodes no row it trained on before: the work before its first new step does
+not depend on how far it had trained.
+
+:class:`TrainingData` is planned on the driver and shipped to the workers; each builds its own
+stream from its step on (:meth:`TrainingData.stream`): one fused Ray Data task per window reads,
+repeats, permutes, labels, decodes and augments its rows, in the plan's order.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from facesynth import manifest, shards, storage
-from facesynth.binsets import decode_rgb
-from recog.data_sources import RecordIOReader, list_image_folder
+from facesynth import images, manifest, shards, storage
+from facesynth.image_folder import list_image_folder
+from recog.data_sources import RecordIOReader
 from recog.train.augment import augment_image, row_rng
 from recog.train.config import DataConfig, DatasetSpec
 
@@ -51,7 +59,7 @@ class Source:
     rows: int
     identities: np.ndarray
     image_size: tuple[int, int]
-    files: list[str] = field(default_factory=list)  # shards: committed shard URIs
+    files: list[shards.ShardRef] = field(default_factory=list)  # shards: the committed shards
     items: list[str] = field(default_factory=list)  # folder: image URIs, row-aligned with labels
     labels: np.ndarray | None = None  # folder / recordio: identity of every row
 
@@ -67,6 +75,23 @@ class Source:
     def num_chunks(self) -> int:
         """Read chunks of one pass: shard files, or blocks of ``ROWS_PER_CHUNK`` rows."""
         return len(self.files) if self.spec.kind == "shards" else math.ceil(self.rows / ROWS_PER_CHUNK)
+
+    @functools.cached_property
+    def _offsets(self) -> np.ndarray:
+        sizes = (
+            [f.rows for f in self.files] if self.spec.kind == "shards" else [ROWS_PER_CHUNK] * self.num_chunks
+        )
+        return np.minimum(np.concatenate([[0], np.cumsum(sizes)]), self.rows)
+
+    def chunk_keys(self, part: int, order: np.ndarray | None) -> np.ndarray:
+        """The keys of chunk ``part``'s rows in read order (``order``: the epoch's row permutation)."""
+        lo, hi = self._offsets[part], self._offsets[part + 1]
+        if self.spec.kind == "shards":
+            return self.keys[lo:hi]
+        return (np.arange(self.rows) if order is None else order)[lo:hi].astype(np.int64)
+
+    def chunk_size(self, part: int) -> int:
+        return int(self._offsets[part + 1] - self._offsets[part])
 
 
 def _row_keys(identity: np.ndarray, sample: np.ndarray) -> np.ndarray:
@@ -84,47 +109,47 @@ def _open_recordio(rec: str, idx: str) -> RecordIOReader:
     return RecordIOReader(rec, idx)
 
 
-def _image_size(data: bytes, what: str) -> tuple[int, int]:
-    return tuple(decode_rgb(data, what).shape[:2])
-
-
 def _inspect_shards(spec: DatasetSpec, verify: str) -> Source:
-    m = manifest.load(spec.uri)
-    if not m.shards:
-        raise ValueError(
-            f"data.datasets uri={spec.uri!r}: no committed shards (no manifest.json or it is empty)"
-        )
     if verify == "sha256":
         problems = shards.verify(spec.uri)
         problems = [p for p in problems if not p.startswith("incomplete")]
         if problems:
             raise ValueError(f"data.datasets uri={spec.uri!r}: unreadable shards: {'; '.join(problems[:5])}")
-    files = shards.committed_files(spec.uri)
-    first = None
-    for uri, unit in zip(files, sorted(m.shards), strict=True):
-        try:
-            with storage.open_input(uri) as f:
-                parquet = pq.ParquetFile(f)
-                rows = parquet.metadata.num_rows
-                if first is None and rows:
-                    first = parquet.read_row_group(0, columns=["image"]).column(0)[0].as_py()
-        except (OSError, ValueError) as exc:
-            raise ValueError(
-                f"data.datasets uri={spec.uri!r}: shard {uri} is not readable parquet ({exc})"
-            ) from exc
-        if rows != m.shards[unit]["rows"]:
-            raise ValueError(
-                f"data.datasets uri={spec.uri!r}: shard {uri} has {rows} rows, "
-                f"the manifest says {m.shards[unit]['rows']}"
-            )
-    identities = sorted({int(k) for rec in m.shards.values() for k in rec["counts"]["per_identity"]})
+    files, identities, first = [], set(), None
+    for unit, rec in manifest.iter_committed(spec.uri):
+        files.append(shards.shard_ref(spec.uri, unit, rec))
+        identities.update(int(k) for k in rec["counts"]["per_identity"])
+        first = _check_footer(spec, files[-1], first)
+    if not files:
+        raise ValueError(
+            f"data.datasets uri={spec.uri!r}: no committed shards (no commit log, or nothing committed)"
+        )
     return Source(
         spec,
-        sum(rec["rows"] for rec in m.shards.values()),
-        np.array(identities, np.int64),
-        _image_size(first, f"{files[0]} row 0"),
+        sum(f.rows for f in files),
+        np.array(sorted(identities), np.int64),
+        images.probe_size(first, f"{files[0].uri} row 0"),
         files=files,
     )
+
+
+def _check_footer(spec: DatasetSpec, ref: shards.ShardRef, first: bytes | None) -> bytes | None:
+    """Check one shard's parquet footer and row count; returns the dataset's first image once found."""
+    try:
+        with storage.open_input(ref.uri) as f:
+            parquet = pq.ParquetFile(f)
+            rows = parquet.metadata.num_rows
+            if first is None and rows:
+                first = parquet.read_row_group(0, columns=["image"]).column(0)[0].as_py()
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"data.datasets uri={spec.uri!r}: shard {ref.uri} is not readable parquet ({exc})"
+        ) from exc
+    if rows != ref.rows:
+        raise ValueError(
+            f"data.datasets uri={spec.uri!r}: shard {ref.uri} has {rows} rows, its commit record says {ref.rows}"
+        )
+    return first
 
 
 def _inspect_folder(spec: DatasetSpec) -> Source:
@@ -135,7 +160,7 @@ def _inspect_folder(spec: DatasetSpec) -> Source:
         spec,
         len(listing),
         np.unique(labels),
-        _image_size(storage.read_bytes(first), first),
+        images.probe_size(storage.read_bytes(first), first),
         items=[uri for uri, _ in listing],
         labels=labels,
     )
@@ -146,7 +171,7 @@ def _inspect_recordio(spec: DatasetSpec) -> Source:
     if not len(reader):
         raise ValueError(f"data.datasets uri={spec.uri!r}: RecordIO file has no images")
     labels = reader.labels()
-    size = _image_size(reader[0][0], f"{spec.uri} record 1")
+    size = images.probe_size(reader[0][0], f"{spec.uri} record 1")
     return Source(spec, len(labels), np.unique(labels), size, labels=labels)
 
 
@@ -246,90 +271,211 @@ def epoch_extra_keys(keys: np.ndarray, extra: int, seed: int, epoch: int, source
     return np.sort(keys[rng.permutation(len(keys))[:extra]])
 
 
-def chunk_plan(sources: list[Source], cfg: DataConfig, *, seed: int, epochs: int) -> list[dict]:
-    """The run's read chunks in stream order: ``{"epoch", "source", "part"}`` per chunk."""
-    plan = []
-    quotas = epoch_quotas([s.rows for s in sources], [s.spec.weight for s in sources], cfg.epoch_rows)
-    for epoch in range(epochs):
-        chunks = [
-            (i, part)
-            for i, (s, q) in enumerate(zip(sources, quotas, strict=True))
-            if q
-            for part in range(s.num_chunks)
-        ]
-        if cfg.shuffle == "local":
-            chunks = [chunks[k] for k in np.random.default_rng([seed, epoch]).permutation(len(chunks))]
-        plan.extend({"epoch": epoch, "source": i, "part": part} for i, part in chunks)
-    return plan
-
-
 def _chunk_rows(source: Source, part: int, order: np.ndarray | None) -> dict:
     """Encoded images, identities and keys of one chunk (``order``: the epoch's row permutation)."""
     if source.spec.kind == "shards":
-        with storage.open_input(source.files[part]) as f:
-            table = pq.read_table(f, columns=["image", "identity", "sample"])
+        table = source.files[part].read(columns=["image", "identity", "sample"])
         identity = table["identity"].to_numpy().astype(np.int64)
         return {
             "image": table["image"].to_pylist(),
             "identity": identity,
             "key": _row_keys(identity, table["sample"].to_numpy()),
         }
-    rows = np.arange(source.rows) if order is None else order
-    index = rows[part * ROWS_PER_CHUNK : (part + 1) * ROWS_PER_CHUNK]
+    index = source.chunk_keys(part, order)
     if source.spec.kind == "folder":
-        images = [storage.read_bytes(source.items[i]) for i in index]
+        encoded = [storage.read_bytes(source.items[i]) for i in index]
     else:
         reader = _recordio_reader(source.spec)
-        images = [reader[int(i)][0] for i in index]
-    return {"image": images, "identity": source.labels[index], "key": index.astype(np.int64)}
+        encoded = [reader[int(i)][0] for i in index]
+    return {"image": encoded, "identity": source.labels[index], "key": index}
 
 
-def read_chunks(
-    batch: dict,
-    sources: list[Source],
-    labels: LabelMap,
-    extra_keys: dict,
-    cfg: DataConfig,
-    input_size: int,
-    seed: int,
-):
-    """Ray Data UDF: read each planned chunk, repeat its rows, shuffle them, decode and augment them.
+@dataclass
+class TrainingData:
+    """A run's training data as planned on the driver (see the module doc); every worker streams its part.
 
-    Yields batches of at most ``cfg.decode_batch`` rows: ``image`` uint8 ``(N, 3, S, S)``, ``label`` int64.
+    ``extra_keys[epoch, i]``: the keys of source ``i``'s rows drawn once more in ``epoch`` (of ``epochs``).
     """
-    quotas = epoch_quotas([s.rows for s in sources], [s.spec.weight for s in sources], cfg.epoch_rows)
-    for epoch, i, part in zip(batch["epoch"], batch["source"], batch["part"], strict=True):
-        source, epoch, i = sources[i], int(epoch), int(i)
-        shuffle = cfg.shuffle == "local"
-        order = np.random.default_rng([seed, epoch, i]).permutation(source.rows) if shuffle else None
-        rows = _chunk_rows(source, int(part), order if source.spec.kind != "shards" else None)
-        counts = np.full(len(rows["key"]), quotas[i] // source.rows, np.int64)
-        if (epoch, i) in extra_keys:
-            counts += np.isin(rows["key"], extra_keys[epoch, i])
-        index = np.repeat(np.arange(len(counts)), counts)
-        copy = np.arange(len(index)) - np.repeat(np.cumsum(counts) - counts, counts)
-        if shuffle:
-            perm = np.random.default_rng([seed, epoch, i, int(part)]).permutation(len(index))
-            index, copy = index[perm], copy[perm]
-        classes = labels.classes(i, rows["identity"])
-        for start in range(0, len(index), cfg.decode_batch):
-            sub = slice(start, start + cfg.decode_batch)
+
+    sources: list[Source]
+    labels: LabelMap
+    cfg: DataConfig
+    input_size: int
+    seed: int
+    epochs: int
+    extra_keys: dict[tuple[int, int], np.ndarray]
+
+    @classmethod
+    def plan(
+        cls,
+        sources: list[Source],
+        labels: LabelMap,
+        cfg: DataConfig,
+        *,
+        input_size: int,
+        seed: int,
+        epochs: int,
+    ) -> TrainingData:
+        quotas = epoch_quotas([s.rows for s in sources], [s.spec.weight for s in sources], cfg.epoch_rows)
+        extra_keys = {
+            (epoch, i): epoch_extra_keys(s.keys, q % s.rows, seed, epoch, i)
+            for epoch in range(epochs)
+            for i, (s, q) in enumerate(zip(sources, quotas, strict=True))
+            if q % s.rows
+        }
+        return cls(sources, labels, cfg, input_size, seed, epochs, extra_keys)
+
+    @functools.cached_property
+    def quotas(self) -> list[int]:
+        """Rows each source gives an epoch."""
+        return epoch_quotas(
+            [s.rows for s in self.sources], [s.spec.weight for s in self.sources], self.cfg.epoch_rows
+        )
+
+    @property
+    def shuffle(self) -> bool:
+        return self.cfg.shuffle == "local"
+
+    def _order(self, epoch: int, i: int) -> np.ndarray | None:
+        """The epoch's row permutation of a folder / RecordIO source (None: read order)."""
+        source = self.sources[i]
+        if not self.shuffle or source.spec.kind == "shards":
+            return None
+        return np.random.default_rng([self.seed, epoch, i]).permutation(source.rows)
+
+    def _passes(self, i: int) -> int:
+        """Whole passes over source ``i`` in every epoch."""
+        return self.quotas[i] // self.sources[i].rows
+
+    def _repeats(self, epoch: int, i: int, keys: np.ndarray) -> np.ndarray:
+        """How often each row (by key) appears in ``epoch``: once per pass, the drawn ones once more."""
+        counts = np.full(len(keys), self._passes(i), np.int64)
+        if (epoch, i) in self.extra_keys:
+            counts += np.isin(keys, self.extra_keys[epoch, i])
+        return counts
+
+    def _chunk_size(self, epoch: int, i: int, part: int) -> int:
+        """Rows chunk ``part`` of source ``i`` gives ``epoch``, repeats included (nothing is read)."""
+        if (epoch, i) not in self.extra_keys:
+            return self.sources[i].chunk_size(part) * self._passes(i)
+        return int(self._repeats(epoch, i, self.sources[i].chunk_keys(part, self._order(epoch, i))).sum())
+
+    def windows(self, epoch: int) -> list[dict]:
+        """The epoch's windows in order: ``{"epoch", "window", "start", "stop", "sources", "parts"}``.
+
+        ``start``/``stop``: the window's rows as positions in the epoch; ``sources``/``parts``: its chunks.
+        """
+        chunks = [
+            (i, part) for i, q in enumerate(self.quotas) if q for part in range(self.sources[i].num_chunks)
+        ]
+        if self.shuffle:
+            chunks = [chunks[k] for k in np.random.default_rng([self.seed, epoch]).permutation(len(chunks))]
+        out, group, start, rows = [], [], 0, 0
+        for n, (i, part) in enumerate(chunks):
+            group.append((i, part))
+            rows += self._chunk_size(epoch, i, part)
+            if rows - start >= self.cfg.shuffle_buffer or n == len(chunks) - 1:
+                ids, parts = zip(*group, strict=True)
+                out.append(
+                    dict(epoch=epoch, window=len(out), start=start, stop=rows, sources=ids, parts=parts)
+                )
+                group, start = [], rows
+        return out
+
+    def rank_windows(
+        self, *, rank: int, world: int, batch_size: int, start_step: int, stop_step: int
+    ) -> list[dict]:
+        """The windows worker ``rank`` reads for steps ``[start_step, stop_step)``, each with the slice
+        ``[lo, hi)`` of its permuted rows that is this rank's (nothing before ``start_step``)."""
+        spe = steps_per_epoch(self.sources, self.cfg, world, batch_size)
+        if stop_step > spe * self.epochs:
+            raise ValueError(f"step {stop_step} is past the {self.epochs} epochs of {spe} steps planned")
+        span = spe * batch_size  # rows per rank per epoch
+        out = []
+        for epoch in range(start_step // spe, math.ceil(stop_step / spe)):
+            first = max(start_step - epoch * spe, 0)
+            last = min(stop_step - epoch * spe, spe)
+            lo, hi = rank * span + first * batch_size, rank * span + last * batch_size
+            out += [
+                {**w, "lo": max(lo, w["start"]) - w["start"], "hi": min(hi, w["stop"]) - w["start"]}
+                for w in self.windows(epoch)
+                if w["start"] < hi and lo < w["stop"]
+            ]
+        return out
+
+    def read_window(self, item: dict) -> Iterator[dict]:
+        """Read a window's chunks, repeat and permute its rows, then decode and augment its ``[lo, hi)`` rows.
+
+        Yields batches of at most ``decode_batch`` rows: ``image`` uint8 ``(N, 3, S, S)``, ``label`` int64.
+        """
+        epoch = int(item["epoch"])
+        encoded, keys, copies, classes = self._window_rows(epoch, item["sources"], item["parts"])
+        if len(encoded) != item["stop"] - item["start"]:
+            raise RuntimeError(
+                f"epoch {epoch} window {item['window']}: {len(encoded)} rows read, planned "
+                f"{item['stop'] - item['start']} (the data changed during training?)"
+            )
+        order = np.arange(len(encoded))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch, int(item["window"])]).permutation(len(encoded))
+        take = order[int(item["lo"]) : int(item["hi"])]
+        for start in range(0, len(take), self.cfg.decode_batch):
+            sub = take[start : start + self.cfg.decode_batch]
             yield {
                 "image": decode_augment(
-                    [rows["image"][k] for k in index[sub]],
-                    rows["key"][index[sub]],
-                    copy[sub],
-                    cfg.augment,
-                    input_size,
-                    seed,
+                    [encoded[k] for k in sub],
+                    keys[sub],
+                    copies[sub],
+                    self.cfg.augment,
+                    self.input_size,
+                    self.seed,
                     epoch,
                 ),
-                "label": classes[index[sub]],
+                "label": classes[sub],
             }
+
+    def _window_rows(
+        self, epoch: int, sources, parts
+    ) -> tuple[list[bytes], np.ndarray, np.ndarray, np.ndarray]:
+        """A window's rows before its permutation: encoded images, keys, copy numbers and classes."""
+        encoded, keys, copies, classes = [], [], [], []
+        for i, part in zip(map(int, sources), map(int, parts), strict=True):
+            rows = _chunk_rows(self.sources[i], part, self._order(epoch, i))
+            counts = self._repeats(epoch, i, rows["key"])
+            index = np.repeat(np.arange(len(counts)), counts)
+            encoded += [rows["image"][k] for k in index]
+            keys.append(rows["key"][index])
+            copies.append(np.arange(len(index)) - np.repeat(np.cumsum(counts) - counts, counts))
+            classes.append(self.labels.classes(i, rows["identity"])[index])
+        return encoded, np.concatenate(keys), np.concatenate(copies), np.concatenate(classes)
+
+    def stream(self, *, rank: int, world: int, batch_size: int, start_step: int, stop_step: int):
+        """Worker ``rank``'s Ray Data stream of decoded batches for steps ``[start_step, stop_step)``, in plan order."""
+        import ray.data
+
+        items = self.rank_windows(
+            rank=rank, world=world, batch_size=batch_size, start_step=start_step, stop_step=stop_step
+        )
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds.context.execution_options.preserve_order = True  # same seed -> same batches
+        ds.context.enable_progress_bars = False  # the training loop reports progress
+        return ds.map_batches(
+            _read_windows,
+            batch_size=1,
+            num_cpus=self.cfg.decode_cpus,
+            batch_format="numpy",
+            fn_kwargs={"data": self},
+        )
+
+
+def _read_windows(batch: dict, data: TrainingData) -> Iterator[dict]:
+    """Ray Data UDF over a batch of one window item."""
+    for n in range(len(batch["epoch"])):
+        yield from data.read_window({k: v[n] for k, v in batch.items()})
 
 
 def decode_augment(
-    images: list[bytes],
+    encoded: list[bytes],
     keys: np.ndarray,
     copies: np.ndarray,
     augments: list,
@@ -338,10 +484,10 @@ def decode_augment(
     epoch: int,
 ) -> np.ndarray:
     """Decode each image, check its size and augment it: uint8 ``(N, 3, S, S)``."""
-    out = np.empty((len(images), 3, input_size, input_size), np.uint8)
-    for n, (data, key, copy) in enumerate(zip(images, keys, copies, strict=True)):
+    out = np.empty((len(encoded), 3, input_size, input_size), np.uint8)
+    for n, (data, key, copy) in enumerate(zip(encoded, keys, copies, strict=True)):
         what = f"training image (row key {int(key)})"
-        rgb = decode_rgb(data, what)
+        rgb = images.decode(data, what)
         if rgb.shape[:2] != (input_size, input_size):
             raise ValueError(f"{what} is {rgb.shape[0]}x{rgb.shape[1]}, expected {input_size}x{input_size}")
         image = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
@@ -361,33 +507,3 @@ def steps_per_epoch(sources: list[Source], cfg: DataConfig, num_workers: int, ba
             f"for each of scaling.num_workers={num_workers}; lower the batch size or add data"
         )
     return steps
-
-
-def training_stream(
-    sources: list[Source], labels: LabelMap, cfg: DataConfig, *, input_size: int, seed: int, epochs: int
-):
-    """The whole run's stream of decoded, augmented batches: ``epochs`` epochs one after another."""
-    import ray.data
-
-    quotas = epoch_quotas([s.rows for s in sources], [s.spec.weight for s in sources], cfg.epoch_rows)
-    extra_keys = {
-        (epoch, i): epoch_extra_keys(s.keys, q % s.rows, seed, epoch, i)
-        for epoch in range(epochs)
-        for i, (s, q) in enumerate(zip(sources, quotas, strict=True))
-        if q % s.rows
-    }
-    plan = chunk_plan(sources, cfg, seed=seed, epochs=epochs)
-    return ray.data.from_items(plan, override_num_blocks=len(plan)).map_batches(
-        read_chunks,
-        batch_size=1,
-        num_cpus=cfg.decode_cpus,
-        batch_format="numpy",
-        fn_kwargs={
-            "sources": sources,
-            "labels": labels,
-            "extra_keys": extra_keys,
-            "cfg": cfg,
-            "input_size": input_size,
-            "seed": seed,
-        },
-    )

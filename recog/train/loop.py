@@ -1,10 +1,9 @@
 """The per-worker training loop run by Ray Train (one process per rank).
 
 Every rank builds the same backbone (same seed; DDP broadcasts it anyway) and its own shard of the
-head's class centres, restores the latest checkpoint if Ray Train hands one over, skips the
-batches already trained on and steps until ``train.steps``. The stream restarts at its beginning,
-so a resume at step k reads and decodes k batches again before training; the result is
-bit-identical to an uninterrupted run. Every ``checkpoint_every`` steps and at the end all ranks
+head's class centres, restores the latest checkpoint if Ray Train hands one over and steps until
+``train.steps``. Its data stream starts at its step (:meth:`TrainingData.stream`), so a resume at
+step k decodes nothing it trained on before; the result is bit-identical to an uninterrupted run. Every ``checkpoint_every`` steps and at the end all ranks
 write their part of a checkpoint folder (rank 0: ``state.pt`` with the step, backbone, EMA and
 loss history; every rank: ``rank{r}.pt`` with its head shard and RNG state, plus the strategy's
 optimiser files) and report it; Ray Train merges the ranks' files into one folder.
@@ -12,7 +11,6 @@ optimiser files) and report it; Ray Train merges the ranks' files into one folde
 
 from __future__ import annotations
 
-import itertools
 import os
 import tempfile
 import time
@@ -25,13 +23,13 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from facesynth import telemetry
 from recog.backbones import build_backbone
 from recog.heads import build_head
-from recog.train.config import TrainConfig
+from recog.train.config import TrainFRJob
 from recog.train.strategy import make_strategy
 
 STATE_FILE = "state.pt"
 
 
-def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+def build_model(cfg: TrainFRJob, num_classes: int) -> nn.Module:
     """The backbone; with ``task: closed_set`` its last layer gives ``num_classes`` logits."""
     m = cfg.model
     extra = {"num_classes": num_classes} if m.task == "closed_set" else {}
@@ -45,7 +43,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     )
 
 
-def build_margin_head(cfg: TrainConfig, num_classes: int) -> nn.Module:
+def build_margin_head(cfg: TrainFRJob, num_classes: int) -> nn.Module:
     """This rank's margin head (its shard of ``num_classes`` centres when a process group exists)."""
     m = cfg.model
     return build_head(
@@ -90,7 +88,7 @@ class Learner:
     ``bench/train_throughput.py``: DDP wrapping happens only when a process group exists.
     """
 
-    def __init__(self, cfg: TrainConfig, num_classes: int, device: torch.device, rank: int = 0):
+    def __init__(self, cfg: TrainFRJob, num_classes: int, device: torch.device, rank: int = 0):
         t = cfg.train
         torch.manual_seed(t.seed)
         backbone = build_model(cfg, num_classes)
@@ -135,11 +133,12 @@ class Learner:
 
 
 def train_worker(config: dict) -> None:
-    """Ray Train entry point; ``config``: the resolved ``cfg`` dict, ``num_classes`` and ``labels`` JSON."""
+    """Ray Train entry point; ``config``: the resolved ``cfg`` dict, ``num_classes``, ``labels`` JSON and
+    the planned :class:`~recog.train.data.TrainingData`."""
     import ray.train
     import ray.train.torch
 
-    cfg = TrainConfig.model_validate(config["cfg"])
+    cfg = TrainFRJob.model_validate(config["cfg"])
     num_classes, labels_json = config["num_classes"], config["labels"]
     t = cfg.train
     ctx = ray.train.get_context()
@@ -203,17 +202,16 @@ def train_worker(config: dict) -> None:
         report({"loss": history[-1]["loss"] if history else float("nan"), "history": history}, save=False)
         return
 
-    shuffle = cfg.data.shuffle != "none"
-    batches = ray.train.get_dataset_shard("train").iter_torch_batches(
+    stream = config["data"].stream(
+        rank=rank, world=world, batch_size=t.batch_size, start_step=step, stop_step=t.steps
+    )
+    batches = stream.iter_torch_batches(
         batch_size=t.batch_size,
         drop_last=True,
         prefetch_batches=cfg.data.prefetch_batches,
-        local_shuffle_buffer_size=cfg.data.shuffle_buffer if shuffle else None,
-        local_shuffle_seed=t.seed + rank if shuffle else None,
         dtypes={"image": torch.uint8, "label": torch.int64},
         device=device,
     )
-    batches = itertools.islice(batches, step, None)  # the stream restarts at its beginning on resume
     bar = _progress(rank, step, t.steps)
     window_steps, window_loss, window_start = 0, 0.0, time.perf_counter()
     for batch in batches:

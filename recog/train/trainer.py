@@ -1,6 +1,6 @@
 """The driver side of face-recognition training: check inputs, run Ray Train, export, report.
 
-``train_fr(cfg)`` is a plain function (a Ray Tune trial can call it). Before any worker starts it
+``run(cfg)`` is a plain function (a Ray Tune trial can call it). Before any worker starts it
 inspects every data source (readable shards, image size, at least two identities) and builds the
 model and head once on the driver, so bad input fails fast with the config key in the message.
 Checkpoints go to ``<storage>/<run_name>``; starting a run again with the same ``run_name`` (after
@@ -25,10 +25,12 @@ import torch
 from facesynth import storage
 from facesynth.config import save_resolved
 from facesynth.plots import save_line_plot
-from facesynth.runtime import init_ray
+from facesynth.preflight import check_output_writable
+from facesynth.report import Report
+from facesynth.runtime import init_ray, torch_trainer
 from recog.export import export_embedder
-from recog.train.config import TrainConfig
-from recog.train.data import LabelMap, Source, inspect_data, steps_per_epoch, training_stream
+from recog.train.config import TrainFRJob
+from recog.train.data import LabelMap, Source, TrainingData, inspect_data, steps_per_epoch
 from recog.train.loop import STATE_FILE, backbone_weights, build_margin_head, build_model, train_worker
 
 
@@ -46,12 +48,15 @@ class TrainResult:
     seconds: float
     history: list[dict]
 
+    def headline(self) -> str:
+        return f"final loss {self.final_loss:.3f}, {self.images_per_s:.0f} images/s, model {self.model_uri}"
+
     def summary(self) -> dict:
         """The one-screen summary: everything but the history."""
         return {k: v for k, v in asdict(self).items() if k != "history"}
 
 
-def check_model(cfg: TrainConfig, num_classes: int) -> None:
+def check_model(cfg: TrainFRJob, num_classes: int) -> None:
     """Build the backbone and a small head on the driver so option errors surface before training."""
     m = cfg.model
     try:
@@ -74,38 +79,27 @@ def check_model(cfg: TrainConfig, num_classes: int) -> None:
         )
 
 
-def _trainer(cfg: TrainConfig, sources: list[Source], labels: LabelMap, epochs: int, callbacks: Sequence):
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    stream = training_stream(
+def _trainer(cfg: TrainFRJob, sources: list[Source], labels: LabelMap, epochs: int, callbacks: Sequence):
+    data = TrainingData.plan(
         sources, labels, cfg.data, input_size=cfg.model.input_size, seed=cfg.train.seed, epochs=epochs
     )
-    ingest = ray.train.DataConfig.default_ingest_options()
-    ingest.preserve_order = True  # same seed -> same batches
-    fs, path = storage.resolve(cfg.checkpoint_uri)
-    return TorchTrainer(
+    return torch_trainer(
         train_worker,
-        train_loop_config={
+        {
             "cfg": cfg.model_dump(mode="json"),
             "num_classes": labels.num_classes,
             "labels": json.dumps(labels.to_json([s.spec.uri for s in sources])),
+            "data": data,  # each worker streams its own part from its step on (no replay on resume)
         },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
-        ),
-        run_config=ray.train.RunConfig(
-            name=cfg.run_name,
-            storage_path=path,
-            storage_filesystem=fs,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep),
-            callbacks=list(callbacks),
-        ),
-        datasets={"train": stream},
-        dataset_config=ray.train.DataConfig(execution_options=ingest),
+        name=cfg.run_name,
+        checkpoint_uri=cfg.checkpoint_uri,
+        num_workers=cfg.scaling.num_workers,
+        use_gpu=cfg.scaling.use_gpu,
+        cpus_per_worker=cfg.scaling.cpus_per_worker,
+        max_failures=cfg.train.max_failures,
+        keep_checkpoints=cfg.train.checkpoints_to_keep,
+        datasets={},
+        callbacks=callbacks,
     )
 
 
@@ -115,7 +109,7 @@ def load_state(checkpoint) -> dict:
         return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
 
 
-def export_classifier(model: torch.nn.Module, out_uri: str, cfg: TrainConfig, labels: dict) -> None:
+def export_classifier(model: torch.nn.Module, out_uri: str, cfg: TrainFRJob, labels: dict) -> None:
     """Closed-set model: TorchScript ``model.pt`` (normalised NCHW -> logits) + ``classifier.json``."""
     size = cfg.model.input_size
     traced = torch.jit.trace(model.eval(), torch.zeros(2, 3, size, size))
@@ -135,7 +129,7 @@ def export_classifier(model: torch.nn.Module, out_uri: str, cfg: TrainConfig, la
     storage.write_bytes(storage.join(out_uri, "classifier.json"), json.dumps(spec, indent=1).encode())
 
 
-def export_model(state: dict, cfg: TrainConfig, num_classes: int, labels: dict) -> str:
+def export_model(state: dict, cfg: TrainFRJob, num_classes: int, labels: dict) -> str:
     """Export the trained backbone under ``<output>/model``; returns that URI."""
     model = build_model(cfg, num_classes)
     model.load_state_dict(backbone_weights(state))
@@ -155,7 +149,7 @@ def export_model(state: dict, cfg: TrainConfig, num_classes: int, labels: dict) 
     return out
 
 
-def write_report(result: TrainResult, cfg: TrainConfig, sources: list[Source]) -> str:
+def write_report(result: TrainResult, cfg: TrainFRJob, sources: list[Source]) -> str:
     """``report.md`` (+ ``loss.png``) at the output URI; returns the report URI."""
     history = result.history
     save_line_plot(
@@ -166,32 +160,28 @@ def write_report(result: TrainResult, cfg: TrainConfig, sources: list[Source]) -
         ylabel="training loss",
     )
     m, t = cfg.model, cfg.train
-    rows = [
-        f"| {s.spec.uri} | {s.spec.kind} | {s.spec.weight:g} | {s.rows} | {len(s.identities)} |"
-        for s in sources
-    ]
-    lines = [
-        f"# Face-recognition training: {cfg.run_name}",
-        "",
-        f"- model: {m.backbone} (width {m.width:g}, {m.input_size}px) + "
-        f"{m.head if m.task == 'embedding' else 'softmax CE (closed set)'}, {result.num_classes} classes",
-        f"- {t.steps} steps x {t.batch_size} images x {cfg.scaling.num_workers} workers ({t.strategy}, {t.precision})",
-        f"- final loss {result.final_loss:.4f}, {result.images_per_s:.1f} images/s, {result.seconds:.0f} s",
-        f"- exported model: `{result.model_uri}`; checkpoints: `{result.checkpoint_uri}`",
-        "",
-        "| dataset | kind | weight | images | identities |",
-        "|---|---|---|---|---|",
-        *rows,
-        "",
-        "![training loss](loss.png)",
-        "",
-    ]
-    uri = storage.join(cfg.output, "report.md")
-    storage.write_bytes(uri, "\n".join(lines).encode())
-    return uri
+    head = m.head if m.task == "embedding" else "softmax CE (closed set)"
+    return (
+        Report(f"Face-recognition training: {cfg.run_name}")
+        .bullets(
+            [
+                f"model: {m.backbone} (width {m.width:g}, {m.input_size}px) + {head}, {result.num_classes} classes",
+                f"{t.steps} steps x {t.batch_size} images x {cfg.scaling.num_workers} workers "
+                f"({t.strategy}, {t.precision})",
+                f"final loss {result.final_loss:.4f}, {result.images_per_s:.1f} images/s, {result.seconds:.0f} s",
+                f"exported model: `{result.model_uri}`; checkpoints: `{result.checkpoint_uri}`",
+            ]
+        )
+        .table(
+            ["dataset", "kind", "weight", "images", "identities"],
+            [[s.spec.uri, s.spec.kind, f"{s.spec.weight:g}", s.rows, len(s.identities)] for s in sources],
+        )
+        .figure("loss.png", "training loss")
+        .write(cfg.output)
+    )
 
 
-def train_fr(cfg: TrainConfig, callbacks: Sequence = ()) -> TrainResult:
+def run(cfg: TrainFRJob, callbacks: Sequence = ()) -> TrainResult:
     """Train (or resume) the run ``cfg.run_name``, export its model and write the report.
 
     ``callbacks``: extra ``ray.train.UserCallback`` objects for the Ray Train controller.
@@ -200,6 +190,8 @@ def train_fr(cfg: TrainConfig, callbacks: Sequence = ()) -> TrainResult:
     sources, labels = inspect_data(cfg.data, cfg.model.input_size)
     check_model(cfg, labels.num_classes)
     spe = steps_per_epoch(sources, cfg.data, cfg.scaling.num_workers, cfg.train.batch_size)
+    for uri in {cfg.output, cfg.checkpoint_uri}:
+        check_output_writable(uri)
     init_ray(cfg.ray)
     result = _trainer(cfg, sources, labels, math.ceil(cfg.train.steps / spe), callbacks).fit()
     state = load_state(result.checkpoint)

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 from pydantic import Field
 
-from facesynth.binsets import decode_rgb
+from facesynth import images
 from facesynth.config import StrictModel
 
 
@@ -92,7 +92,7 @@ def extract_faces(data: bytes, cfg: FaceCropConfig, source: str = "photo") -> li
 
     ``source`` names the photo in errors (undecodable bytes; no face when ``cfg.strict``).
     """
-    image = decode_rgb(data, source)
+    image = images.decode(data, source)
     boxes = detect_faces(image, cfg)[: cfg.max_faces]
     if not boxes and cfg.strict:
         raise ValueError(

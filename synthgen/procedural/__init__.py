@@ -1,8 +1,7 @@
 """Procedural face renderer: offline ground-truth identities (the analogue of DigiFace-1M's 3D renders)."""
 
-from synthgen.procedural.grid import save_grid
 from synthgen.procedural.nuisance import NuisanceConfig, apply_overrides
 from synthgen.procedural.render import RenderBatch, render_faces
 from synthgen.procedural.styles import STYLES
 
-__all__ = ["STYLES", "NuisanceConfig", "RenderBatch", "apply_overrides", "render_faces", "save_grid"]
+__all__ = ["STYLES", "NuisanceConfig", "RenderBatch", "apply_overrides", "render_faces"]

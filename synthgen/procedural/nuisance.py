@@ -82,6 +82,8 @@ def apply_overrides(config: NuisanceConfig, overrides: dict[str, Any] | None) ->
         if key in fields:
             update[key] = value
         elif f"{key}_range" in fields:
+            if isinstance(value, bool):
+                raise ValueError(f"override {key!r}={value!r}: expected a number (it fixes {key}_range)")
             update[f"{key}_range"] = (value, value)
         elif f"{key}_prob" in fields:
             if not isinstance(value, bool):

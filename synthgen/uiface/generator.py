@@ -2,7 +2,8 @@
 
 Identity ``i`` of a job is row ``i`` of the identity embeddings drawn once by :func:`identity_embeddings`
 (deterministic from the config seed) and stored at ``<output>/identities.npy``; every generator actor reads
-that file, so all actors and reruns condition on the same identities. Row seeds make each image independent
+that file, so all actors and reruns condition on the same identities. For the class-conditional baseline the
+file holds class ids (identity i = class i) and rows carry no embedding. Row seeds make each image independent
 of the batch it is sampled in.
 """
 
@@ -26,12 +27,9 @@ from synthgen.uiface.train import UIFaceModelSource
 IDENTITIES_FILE = "identities.npy"
 
 
-class IdentitiesConfig(StrictModel):
-    """Which synthetic identities a job generates and how the work is cut."""
+class IdentitySampling(StrictModel):
+    """How a UIFace job draws its synthetic identity embeddings (row ``i`` conditions identity ``i``)."""
 
-    count: int = Field(ge=1, description="number of synthetic identities")
-    samples_per_identity: int = Field(ge=1)
-    identities_per_unit: int = Field(8, ge=1, description="identities per work unit (one shard each)")
     max_cosine: float = Field(0.3, ge=-1, le=1, description="reject an identity closer than this to another")
     method: Literal["sphere", "gaussian"] = "sphere"
     training: str | None = Field(
@@ -41,13 +39,13 @@ class IdentitiesConfig(StrictModel):
     seed: int = Field(0, ge=0, description="seed of the identity embeddings")
 
 
-def identity_embeddings(cfg: IdentitiesConfig, dim: int) -> np.ndarray:
+def identity_embeddings(count: int, cfg: IdentitySampling, dim: int) -> np.ndarray:
     """The job's ``(count, dim)`` float32 identity embeddings (row i = identity i), deterministic from the seed."""
     training = None
     if cfg.training is not None:
         training = load_npy(cfg.training)
     return sample_identities(
-        cfg.count, seed=cfg.seed, dim=dim, max_cosine=cfg.max_cosine, method=cfg.method, training=training
+        count, seed=cfg.seed, dim=dim, max_cosine=cfg.max_cosine, method=cfg.method, training=training
     )
 
 
@@ -60,13 +58,16 @@ class UIFaceGenerator(Generator):
     def __init__(
         self, model: UIFaceModel, sampler: SamplerConfig, embeddings: np.ndarray, params: dict
     ) -> None:
-        if embeddings.ndim != 2 or embeddings.shape[1] != model.config.embedding_dim:
+        self.classes = model.config.conditioning == "class"
+        if self.classes and embeddings.ndim != 1:
+            raise ValueError(f"class ids: expected (identities,), got {embeddings.shape}")
+        if not self.classes and (embeddings.ndim != 2 or embeddings.shape[1] != model.config.embedding_dim):
             raise ValueError(
                 f"embeddings: expected (identities, {model.config.embedding_dim}), got {embeddings.shape}"
             )
         self.model = model.eval()
         self.sampler = sampler
-        self.embeddings = embeddings.astype(np.float32)
+        self.embeddings = embeddings.astype(np.int64 if self.classes else np.float32)
         self.params = params
 
     def generate(self, identities: np.ndarray, samples: np.ndarray, seeds: np.ndarray) -> Generated:
@@ -84,7 +85,7 @@ class UIFaceGenerator(Generator):
             prompts=[""] * n,
             params=[self.params] * n,
             t0=out.t0.cpu().numpy(),
-            embeddings=rows,
+            embeddings=None if self.classes else rows,
         )
 
 

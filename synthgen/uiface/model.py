@@ -52,6 +52,14 @@ class UIFaceModelConfig(StrictModel):
     head_dim: int = Field(32, ge=1)
     norm_groups: int = Field(32, ge=1)
     embedding_dim: int = Field(512, ge=1, description="dim of the FR identity embedding")
+    conditioning: Literal["embedding", "class"] = Field(
+        "embedding",
+        description="embedding: FR identity embeddings (UIFace); class: a learned embedding per class id "
+        "(the class-conditional baseline; class = the dataset's identity value, < num_classes)",
+    )
+    num_classes: int = Field(
+        0, ge=0, description="classes of the class-conditional baseline (conditioning=class)"
+    )
     context_dim: int = Field(256, ge=1)
     context_tokens: int = Field(32, ge=1, description="K cross-attention tokens made from one context")
     context_dropout: float = Field(0.25, ge=0, lt=1, description="element-wise dropout on the context (CPD)")
@@ -91,6 +99,11 @@ class UIFaceModelConfig(StrictModel):
             raise ValueError(f"image_size: {self.image_size} not divisible by the autoencoder downsampling")
         if self.space == "pixel" and self.latent_channels != 3:
             raise ValueError(f"latent_channels: pixel space has 3 channels, got {self.latent_channels}")
+        if (self.conditioning == "class") != (self.num_classes > 0):
+            raise ValueError(
+                f"num_classes: {self.num_classes} with conditioning={self.conditioning!r}; expected >= 1 for "
+                "class conditioning and 0 for embedding conditioning"
+            )
         if self.beta_end <= self.beta_start:
             raise ValueError(f"beta_end: {self.beta_end} must exceed beta_start={self.beta_start}")
         return self
@@ -298,9 +311,18 @@ class UIFaceModel(nn.Module):
         )
 
 
+def build_context(config: UIFaceModelConfig) -> IdentityContext:
+    """The identity context of ``config``: an embedding projection, or a class embedding table."""
+    return IdentityContext(
+        config.embedding_dim,
+        config.context_dim,
+        config.context_tokens,
+        config.norm_groups,
+        config.num_classes,
+    )
+
+
 def build_uiface(config: UIFaceModelConfig) -> UIFaceModel:
     """Build a UIFace model with random weights (the autoencoder loads from ``autoencoder_path`` if set)."""
-    context = IdentityContext(
-        config.embedding_dim, config.context_dim, config.context_tokens, config.norm_groups
-    )
+    context = build_context(config)  # first: the RNG order fixes the random weights of a preset + init_seed
     return UIFaceModel(config, build_unet(config), context, build_autoencoder(config))

@@ -20,27 +20,38 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
 from facesynth import shards, storage, telemetry
-from facesynth.config import StrictModel
-from synthgen.uiface.context import IdentityContext
-from synthgen.uiface.model import UIFaceModel, UIFaceModelConfig, build_uiface, preset
+from facesynth.config import OutputUri, StrictModel, save_resolved
+from facesynth.plots import save_line_plot
+from facesynth.preflight import check_output_writable
+from facesynth.report import Report
+from facesynth.runtime import RayConfig, init_ray, torch_trainer
+from synthgen.train_state import (
+    STATE_FILE,  # noqa: F401 (checkpoint file name, re-exported for readers of UIFace checkpoints)
+    TrainResult,
+    download_folder,
+    fit,
+    pack_loss_log,
+    pin_settings,
+    report_state,
+    restore_state,
+    step_seed,
+    unpack_loss_log,
+)
+from synthgen.uiface.model import UIFaceModel, UIFaceModelConfig, build_context, build_uiface, preset
 
 log = logging.getLogger(__name__)
 
 MODEL_JSON = "uiface.json"
-STATE_FILE = "state.pt"
 TRAIN_LOG = "train_log.json"
 ARCHITECTURE_FILE = "architecture.json"  # per run, beside its checkpoints
 IDENTITIES_FILE = "identities.npy"  # per training identity: mean judge embedding (for new-identity rejection)
@@ -108,18 +119,6 @@ class UIFaceTrainConfig(StrictModel):
     judge_num_gpus: float = Field(0.0, ge=0, description="GPUs per judge embedding actor")
 
 
-@dataclass
-class TrainResult:
-    """What a training run produced: the final model and last checkpoint URIs, the steps and the loss log."""
-
-    model_uri: str
-    checkpoint_uri: str | None
-    steps: int
-    start_step: int
-    loss_log: list[dict]
-    seconds: float
-
-
 def read_model_config(uri: str) -> UIFaceModelConfig:
     """The ``uiface.json`` of a saved model folder (FileNotFoundError naming it if missing)."""
     return UIFaceModelConfig.model_validate_json(storage.read_bytes(storage.join(uri, MODEL_JSON)))
@@ -144,31 +143,19 @@ def load_uiface(uri: str, device: str | torch.device = "cpu") -> UIFaceModel:
 
     config = read_model_config(uri)
     state = torch.load(io.BytesIO(storage.read_bytes(storage.join(uri, "context.pt"))), weights_only=True)
-    context = IdentityContext(
-        config.embedding_dim, config.context_dim, config.context_tokens, config.norm_groups
-    )
+    context = build_context(config)
     context.load_state_dict(state)
     with tempfile.TemporaryDirectory() as tmp:
         unet = UNet2DConditionModel.from_pretrained(
-            _download_folder(storage.join(uri, "unet"), Path(tmp, "unet"))
+            download_folder(storage.join(uri, "unet"), Path(tmp, "unet"))
         )
         autoencoder = None
         if config.space != "pixel":
             cls = VQModel if config.space == "vq" else AutoencoderKL
             autoencoder = cls.from_pretrained(
-                _download_folder(storage.join(uri, "autoencoder"), Path(tmp, "ae"))
+                download_folder(storage.join(uri, "autoencoder"), Path(tmp, "ae"))
             )
     return UIFaceModel(config, unet, context, autoencoder).to(device).eval()
-
-
-def _download_folder(uri: str, target: Path) -> Path:
-    files = storage.list_files(uri)
-    if not files:
-        raise FileNotFoundError(f"{uri}: empty or missing model sub-folder")
-    target.mkdir(parents=True)
-    for f in files:
-        (target / f.rsplit("/", 1)[1]).write_bytes(storage.read_bytes(f))
-    return target
 
 
 class _LossModule(nn.Module):
@@ -179,14 +166,9 @@ class _LossModule(nn.Module):
         self.model = model
 
     def forward(
-        self, images: torch.Tensor, embeddings: torch.Tensor, generator: torch.Generator
+        self, images: torch.Tensor, condition: torch.Tensor, generator: torch.Generator
     ) -> torch.Tensor:
-        return self.model.training_loss(images, embeddings, generator)
-
-
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """Seed of one worker's randomness at one step: a resumed run draws exactly what it would have drawn."""
-    return int(shards.row_seeds(seed, np.array([rank]), np.array([step]))[0])
+        return self.model.training_loss(images, condition, generator)
 
 
 def prepare_batch(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -241,7 +223,7 @@ def _train_loop(loop_config: dict) -> None:
             generator.manual_seed(step_seed(cfg.seed, rank, step))
             images = prepare_batch(batch["pixels"], generator)
             with autocast:
-                loss = loss_module(images, batch["embedding"].float(), generator)
+                loss = loss_module(images, batch["condition"], generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -285,54 +267,38 @@ def _train_loop(loop_config: dict) -> None:
 
 def _restore(checkpoint, model: UIFaceModel, optimizer, scheduler, ema) -> tuple[int, list[dict]]:
     """Load a Ray Train checkpoint (``weights_only``) into the training state; returns (step, loss log)."""
-    if checkpoint is None:
+    state = restore_state(checkpoint)
+    if state is None:
         return 0, []
-    with checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder, STATE_FILE), map_location="cpu", weights_only=True)
     model.unet.load_state_dict(state["unet"])
     model.context.load_state_dict(state["context"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     ema.load_state_dict(state["ema"])
-    return state["step"], [{"step": int(s), "loss": loss} for s, loss in state["loss_log"].tolist()]
+    return state["step"], unpack_loss_log(state["loss_log"])
 
 
 def _report(
     metrics: dict, model: UIFaceModel, optimizer, scheduler, ema, loss_log: list[dict] | None
 ) -> None:
     """Report metrics; with ``loss_log`` (rank 0 at a checkpoint step) also a resumable checkpoint."""
-    import ray.train
-
-    if loss_log is None:
-        ray.train.report(metrics)
-        return
-    state = {
-        "unet": model.unet.state_dict(),
-        "context": model.context.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "ema": ema.state_dict(),
-        "step": metrics["step"],
-        "loss_log": torch.tensor([[r["step"], r["loss"]] for r in loss_log], dtype=torch.float64),
-    }
-    with tempfile.TemporaryDirectory() as tmp:
-        torch.save(state, os.path.join(tmp, STATE_FILE))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    state = None
+    if loss_log is not None:
+        state = {
+            "unet": model.unet.state_dict(),
+            "context": model.context.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "ema": ema.state_dict(),
+            "step": metrics["step"],
+            "loss_log": pack_loss_log(loss_log),
+        }
+    report_state(metrics, state)
 
 
 def pin_architecture(uri: str, architecture: UIFaceModelConfig) -> None:
     """Record a run's architecture at its first start; refuse a rerun (a resume) that changed it."""
-    current = architecture.model_dump(mode="json")
-    if not storage.exists(uri):
-        storage.write_bytes(uri, json.dumps(current, indent=1).encode())
-        return
-    saved = json.loads(storage.read_bytes(uri))
-    changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in current.items() if saved.get(k) != v]
-    if changed:
-        raise ValueError(
-            f"{uri}: the run was started with another architecture ({'; '.join(changed)}); "
-            "its checkpoints cannot resume it: use a new run_name or output"
-        )
+    pin_settings(uri, architecture.model_dump(mode="json"), "architecture")
 
 
 def check_inputs(data_uri: str, judge_uri: str | None, architecture: UIFaceModelConfig) -> None:
@@ -341,7 +307,10 @@ def check_inputs(data_uri: str, judge_uri: str | None, architecture: UIFaceModel
 
     from facesynth.face_model import read_spec
 
-    with storage.open_input(shards.committed_files(data_uri)[0]) as f:
+    if architecture.conditioning == "class":
+        check_classes(data_uri, judge_uri, architecture.num_classes)
+        return
+    with storage.open_input(shards.committed_shards(data_uri)[0].uri) as f:
         schema = pq.read_schema(f)
     if judge_uri is not None:
         dim, source = read_spec(judge_uri).embedding_dim, f"judge {judge_uri}"
@@ -359,6 +328,22 @@ def check_inputs(data_uri: str, judge_uri: str | None, architecture: UIFaceModel
         )
 
 
+def check_classes(data_uri: str, judge_uri: str | None, num_classes: int) -> None:
+    """The class-conditional baseline: no judge, and every identity value of the data is a class id."""
+    if judge_uri is not None:
+        raise ValueError(
+            f"judge: {judge_uri}, but a class-conditional model (conditioning=class) learns one embedding "
+            "per class and uses no judge; set judge: null"
+        )
+    found = sorted({r["identity"] for r in shards.iter_rows(data_uri, columns=["identity"])})
+    outside = [i for i in found if not 0 <= i < num_classes]
+    if outside:
+        raise ValueError(
+            f"data {data_uri}: identities {outside[:5]} are not class ids in [0, {num_classes}); "
+            f"set model.overrides.num_classes >= {max(found) + 1}"
+        )
+
+
 def train_uiface(
     data_uri: str,
     output_uri: str,
@@ -368,56 +353,53 @@ def train_uiface(
     judge_uri: str | None = None,
     run_name: str = "uiface",
 ) -> TrainResult:
-    """Train (or resume) a UIFace model on Ray Train; the EMA model is saved at ``<output>/model``."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    """Train (or resume) a UIFace model on Ray Train; the EMA model is saved at ``<output>/model``.
 
-    from synthgen.identity_embeddings import embedded_dataset, identity_means, save_npy, to_training_rows
+    A class-conditional model (``conditioning: class``) trains on the shards' identity values as class ids,
+    with the same loop; its model folder has no ``identities.npy``.
+    """
+    from synthgen.identity_embeddings import (
+        embedded_dataset,
+        identity_means,
+        save_npy,
+        to_class_rows,
+        to_training_rows,
+    )
 
     architecture = model.architecture()
     check_inputs(data_uri, judge_uri, architecture)
     pin_architecture(storage.join(output_uri, "checkpoints", run_name, ARCHITECTURE_FILE), architecture)
-    embedded = embedded_dataset(
-        data_uri,
-        judge_uri=judge_uri,
-        judge_batch_size=cfg.judge_batch_size,
-        judge_num_gpus=cfg.judge_num_gpus,
-    )
-    dataset = embedded.map_batches(
-        to_training_rows, fn_kwargs={"image_size": architecture.image_size}, batch_format="numpy"
-    )
+    rows = {"image_size": architecture.image_size}
+    if architecture.conditioning == "class":
+        embedded = None
+        source = shards.read_dataset(data_uri, columns=["image", "identity"])
+        dataset = source.map_batches(to_class_rows, fn_kwargs=rows, batch_format="numpy")
+    else:
+        embedded = embedded_dataset(
+            data_uri,
+            judge_uri=judge_uri,
+            judge_batch_size=cfg.judge_batch_size,
+            judge_num_gpus=cfg.judge_num_gpus,
+        )
+        dataset = embedded.map_batches(to_training_rows, fn_kwargs=rows, batch_format="numpy")
     model_uri = storage.join(storage.absolute(output_uri), "model")  # Ray Train workers have another cwd
-    fs, path = storage.resolve(storage.join(output_uri, "checkpoints"))
-    storage.makedirs(storage.join(output_uri, "checkpoints"))
-    trainer = TorchTrainer(
+    trainer = torch_trainer(
         _train_loop,
-        train_loop_config={"train": cfg.model_dump(), "model": model.model_dump(), "model_uri": model_uri},
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.num_workers,
-            use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker},
-        ),
-        run_config=ray.train.RunConfig(
-            name=run_name,
-            storage_path=path,
-            storage_filesystem=fs,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-        ),
+        {"train": cfg.model_dump(), "model": model.model_dump(), "model_uri": model_uri},
+        name=run_name,
+        checkpoint_uri=storage.join(output_uri, "checkpoints"),
+        num_workers=cfg.num_workers,
+        use_gpu=cfg.use_gpu,
+        cpus_per_worker=cfg.cpus_per_worker,
+        max_failures=cfg.max_failures,
+        keep_checkpoints=cfg.keep_checkpoints,
         datasets={"train": dataset},
     )
     start = time.perf_counter()
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
-    save_npy(identity_means(embedded)[1], storage.join(model_uri, IDENTITIES_FILE))
+    checkpoint = fit(trainer, output_uri)
+    if embedded is not None:
+        save_npy(identity_means(embedded)[1], storage.join(model_uri, IDENTITIES_FILE))
     train_log = json.loads(storage.read_bytes(storage.join(model_uri, TRAIN_LOG)))
-    checkpoint = None
-    if result.checkpoint is not None:
-        checkpoint = (
-            f"s3://{result.checkpoint.path}" if output_uri.startswith("s3://") else result.checkpoint.path
-        )
     return TrainResult(
         model_uri,
         checkpoint,
@@ -425,4 +407,74 @@ def train_uiface(
         train_log["start_step"],
         train_log["loss"],
         time.perf_counter() - start,
+    )
+
+
+class UIFaceTrainJob(StrictModel):
+    """The uiface_train job: train (or resume) a UIFace model on a shard dataset of faces.
+
+    ``data`` is a shard dataset of face images; identity embeddings come from the ``judge`` model folder
+    (``model.json`` + TorchScript) or, with ``judge: null``, from the shards' ``embedding`` column; the
+    class-conditional baseline (``model.overrides: {conditioning: class, num_classes: N}``) needs neither. Rerunning
+    with the same ``output`` and ``run_name`` resumes from the latest checkpoint. Writes ``<output>/model``
+    (load with :func:`load_uiface`), ``config.yaml``, ``loss.png`` and ``report.md``.
+    """
+
+    ray: RayConfig = Field(default_factory=RayConfig)
+    data: str = Field(min_length=1, description="shard dataset URI of training faces")
+    judge: str | None = Field(
+        None, description="exported FR model folder URI; null: use the 'embedding' column"
+    )
+    output: OutputUri = Field(description="run folder URI: checkpoints/, model/, report.md")
+    run_name: str = Field(
+        "uiface", pattern=r"^[A-Za-z0-9_.-]+$", description="rerun with the same name resumes"
+    )
+    model: UIFaceModelSource = Field(default_factory=UIFaceModelSource)
+    train: UIFaceTrainConfig = Field(default_factory=UIFaceTrainConfig)
+
+
+def run(job: UIFaceTrainJob) -> TrainResult:
+    """Run (or resume) the training job, then its resolved config and report (inputs checked before Ray starts)."""
+    check_output_writable(job.output)
+    check_inputs(job.data, job.judge, job.model.architecture())
+    init_ray(job.ray)
+    result = train_uiface(
+        job.data, job.output, job.model, job.train, judge_uri=job.judge, run_name=job.run_name
+    )
+    save_resolved(job, job.output)
+    result.report = write_report(job, result)
+    return result
+
+
+def write_report(job: UIFaceTrainJob, result: TrainResult) -> str:
+    """``report.md`` with the loss curve (``loss.png``) at the output URI."""
+    log = result.loss_log
+    save_line_plot(
+        [r["step"] for r in log],
+        [r["loss"] for r in log],
+        storage.join(job.output, "loss.png"),
+        xlabel="step",
+        ylabel=f"{job.model.architecture().prediction_type} MSE",
+        title=f"UIFace {job.run_name}",
+        logy=True,
+    )
+    first, last = log[0], log[-1]
+    embeddings = f"judge `{job.judge}`" if job.judge else "shard column"
+    if job.model.architecture().conditioning == "class":
+        embeddings = (
+            f"none: class-conditional, {job.model.architecture().num_classes} learned class embeddings"
+        )
+    return (
+        Report(f"UIFace training: {job.run_name}")
+        .bullets(
+            [
+                f"data: `{job.data}`; identity embeddings: {embeddings}",
+                f"model: `{result.model_uri}` (EMA weights), from `{job.model.describe()}`",
+                f"steps {result.start_step} -> {result.steps} in {result.seconds:.1f} s, "
+                f"{job.train.num_workers} worker(s) x batch {job.train.batch_size}",
+                f"loss {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} (step {last['step']})",
+            ]
+        )
+        .figure("loss.png", "loss")
+        .write(job.output)
     )

@@ -1,27 +1,32 @@
-"""Embed shard datasets with an exported face model: Ray Data actors or the same code in-process.
+"""Embed images with an exported face model (``model.json``): shard datasets or image arrays, on Ray or in-process.
 
+Shard datasets:
 :func:`plan_embedding` checks everything cheaply before any model runs (the judge's ``model.json``
 and weights file, committed rows, the image size against the judge's ``input_size``) and picks a
 deterministic subset of rows from the ``identity`` and ``sample`` columns alone. :func:`run_embedding`
 streams the committed shards of one or more planned datasets through :class:`ShardEmbedder` actors
 (the judge loaded once per actor; rows outside the subset dropped before their PNGs are decoded)
 and returns each dataset's embeddings in its row order (committed shards in unit order, rows in
-file order)."""
+file order); :func:`embedding_dataset` is the same pipeline as a lazy Ray Dataset (with the encoded
+image kept, for trainers that need pixels and embeddings together).
+
+Image arrays: :class:`EmbedPool` (Ray actors that each hold the model, reused across sets) and
+:func:`embed_with_ray`; in-process, :func:`facesynth.face_model.load_face_model` directly.
+
+Used by the UIFace trainer, the quality job, evaluation and cross-domain alike."""
 
 from __future__ import annotations
 
 import functools
-import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image
 
-from facesynth import shards, storage
-from facesynth.binsets import decode_rgb
-from facesynth.face_model import ModelSpec, load_face_model, read_spec
+from facesynth import images, shards, storage
+from facesynth.face_model import EmbeddedImages, ModelSpec, check_images, load_face_model, read_spec
 
 KEY_COLUMNS = ("identity", "sample")
 
@@ -72,14 +77,13 @@ def choose_subset(
 
 @dataclass(frozen=True)
 class EmbedPlan:
-    """A checked embedding job: dataset, judge and its spec, the row subset, its size and the shard count."""
+    """A checked embedding job: dataset, judge and its spec, the row subset and its size."""
 
     dataset: str
     judge: str
     spec: ModelSpec
     subset: Subset
     rows: int
-    shards: int
     resize: bool
 
 
@@ -108,14 +112,6 @@ def judge_spec(judge_uri: str) -> ModelSpec:
     if not storage.exists(storage.join(judge_uri, spec.file)):
         raise _missing_judge_file(judge_uri, spec.file)
     return spec
-
-
-def _image_size(data: bytes, what: str) -> tuple[int, int]:
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.height, img.width
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{what}: not a decodable image ({exc})") from exc
 
 
 def _size_error(what: str, size: tuple[int, int], expected: tuple[int, int]) -> ValueError:
@@ -154,26 +150,23 @@ def plan_embedding(
                 subset.mask(table.column("identity").to_numpy(), table.column("sample").to_numpy())
             )
             if len(hit):
-                size = _image_size(table.column("image")[int(hit[0])].as_py(), f"dataset={dataset_uri!r}")
+                size = images.probe_size(
+                    table.column("image")[int(hit[0])].as_py(), f"dataset={dataset_uri!r}"
+                )
                 if size != tuple(spec.input_size):
                     raise _size_error(f"dataset={dataset_uri!r}", size, tuple(spec.input_size))
                 break
     rows = int(subset.mask(identities, samples).sum())
-    return EmbedPlan(dataset_uri, judge_uri, spec, subset, rows, len(tables), resize)
+    return EmbedPlan(dataset_uri, judge_uri, spec, subset, rows, resize)
 
 
-def decode_faces(images: Sequence[bytes], size: tuple[int, int], resize: bool, what: str) -> np.ndarray:
+def decode_faces(encoded: Sequence[bytes], size: tuple[int, int], resize: bool, what: str) -> np.ndarray:
     """Decode encoded images to uint8 RGB ``(N, H, W, 3)`` of ``size`` (H, W); resize with PIL bilinear
     when ``resize``, else a different size is a ValueError naming both sizes."""
-    out = np.empty((len(images), *size, 3), dtype=np.uint8)
-    for i, data in enumerate(images):
-        image = decode_rgb(data, f"{what} row {i}")
-        if image.shape[:2] != tuple(size):
-            if not resize:
-                raise _size_error(f"{what} row {i}", image.shape[:2], size)
-            image = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.Resampling.BILINEAR))
-        out[i] = image
-    return out
+    hint = "; set resize=true to resize bilinearly, or align the faces first"
+    return images.decode_to_size(
+        encoded, size, resize="bilinear" if resize else "exact", what=f"{what} row", hint=hint
+    )
 
 
 class ShardEmbedder:
@@ -207,31 +200,93 @@ class ShardEmbedder:
             out["embedding"] = np.zeros((0, plan.spec.embedding_dim), np.float32)
             return out
         size, what = tuple(plan.spec.input_size), f"dataset={plan.dataset!r}"
-        images = decode_faces([batch["image"][i] for i in keep], size, plan.resize, what)
-        out["embedding"] = self.embedder.embed(images, self.batch_size, self.flip).astype(np.float32)
+        faces = decode_faces([batch["image"][i] for i in keep], size, plan.resize, what)
+        out["embedding"] = self.embedder.embed(faces, self.batch_size, self.flip).astype(np.float32)
         return out
 
 
 def read_faces(plan: EmbedPlan, subset: Subset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decoded images (as the judge sees them), identities and samples of the rows in ``subset``,
     in dataset order, read in this process (for sample grids and LPIPS on a few images)."""
-    images, identities, samples = [], [], []
+    faces, identities, samples = [], [], []
     for table in shards.iter_tables(plan.dataset, columns=["image", *KEY_COLUMNS]):
         ids, smp = table.column("identity").to_numpy(), table.column("sample").to_numpy()
         hit = np.flatnonzero(subset.mask(ids, smp))
         if len(hit):
             encoded = table.column("image").take(hit).to_pylist()
             what = f"dataset={plan.dataset!r}"
-            images.append(decode_faces(encoded, tuple(plan.spec.input_size), plan.resize, what))
+            faces.append(decode_faces(encoded, tuple(plan.spec.input_size), plan.resize, what))
             identities.append(ids[hit].astype(np.int64))
             samples.append(smp[hit].astype(np.int64))
-    if not images:
+    if not faces:
         raise ValueError(f"dataset={plan.dataset!r}: no rows in the requested subset")
-    return np.concatenate(images), np.concatenate(identities), np.concatenate(samples)
+    return np.concatenate(faces), np.concatenate(identities), np.concatenate(samples)
 
 
 def _source_column(source: int, table: pa.Table) -> pa.Array:
     return pa.array(np.full(table.num_rows, source, np.int64))
+
+
+def _check_plans(plans: Sequence[EmbedPlan], batch_size: int, num_workers: int) -> None:
+    if batch_size < 1 or num_workers < 1 or not plans:
+        raise ValueError(
+            f"batch_size={batch_size}, num_workers={num_workers}, {len(plans)} plans: expected >= 1 of each"
+        )
+    judges = sorted({plan.judge for plan in plans})
+    if len(judges) != 1:
+        raise ValueError(f"plans judged by {judges}: expected one shared judge")
+
+
+def embedding_dataset(
+    plans: Sequence[EmbedPlan],
+    *,
+    batch_size: int = 64,
+    num_workers: int = 1,
+    num_gpus_per_worker: float = 0.0,
+    num_cpus_per_worker: float = 1.0,
+    flip: bool = True,
+    columns: Sequence[str] = (),
+    keep_image: bool = False,
+):
+    """The planned rows of every plan as one lazy Ray Dataset: ``source`` (plan index), ``identity``,
+    ``sample``, ``columns``, ``embedding`` (and ``image`` with ``keep_image``), in plan and row order.
+
+    The datasets stream through ``num_workers`` :class:`ShardEmbedder` actors (CUDA when given GPUs),
+    so each actor loads the judge once.
+    """
+    import ray.data
+
+    _check_plans(plans, batch_size, num_workers)
+    read = ["image", *KEY_COLUMNS, *columns]
+    sources = [
+        shards.read_dataset(plan.dataset, columns=read).add_column(
+            "source", functools.partial(_source_column, i), batch_format="pyarrow"
+        )
+        for i, plan in enumerate(plans)
+    ]
+    ds = sources[0].union(*sources[1:]) if len(sources) > 1 else sources[0]
+    ds.context.execution_options.preserve_order = True
+    return ds.map_batches(
+        ShardEmbedder,
+        fn_constructor_kwargs=_embedder_args(
+            plans, num_gpus_per_worker, batch_size, flip, columns, keep_image
+        ),
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=num_workers),
+        num_gpus=num_gpus_per_worker,
+        num_cpus=num_cpus_per_worker,
+    )
+
+
+def _embedder_args(plans, num_gpus_per_worker, batch_size, flip, columns, keep_image) -> dict:
+    return {
+        "plans": tuple(plans),
+        "device": "cuda" if num_gpus_per_worker > 0 else "cpu",
+        "batch_size": batch_size,
+        "flip": flip,
+        "columns": (*columns, "image") if keep_image else tuple(columns),
+    }
 
 
 def run_embedding(
@@ -247,49 +302,26 @@ def run_embedding(
 ) -> list[EmbeddedDataset]:
     """Embed the planned rows of every plan (one shared judge), each in its dataset's order.
 
-    With ``use_ray`` the datasets stream as one Ray Data pipeline through ``num_workers``
-    :class:`ShardEmbedder` actors (CUDA when given GPUs), so each actor loads the judge once;
-    otherwise the same class runs in this process.
+    With ``use_ray`` through :func:`embedding_dataset`; otherwise the same :class:`ShardEmbedder` runs in
+    this process.
     """
-    if batch_size < 1 or num_workers < 1 or not plans:
-        raise ValueError(
-            f"batch_size={batch_size}, num_workers={num_workers}, {len(plans)} plans: expected >= 1 of each"
-        )
-    judges = sorted({plan.judge for plan in plans})
-    if len(judges) != 1:
-        raise ValueError(f"plans judged by {judges}: expected one shared judge")
-    read = ["image", *KEY_COLUMNS, *columns]
-    device = "cuda" if num_gpus_per_worker > 0 else "cpu"
-    args = {
-        "plans": tuple(plans),
-        "device": device,
-        "batch_size": batch_size,
-        "flip": flip,
-        "columns": tuple(columns),
-    }
+    _check_plans(plans, batch_size, num_workers)
     if use_ray:
-        import ray.data
-
-        sources = [
-            shards.read_dataset(plan.dataset, columns=read, override_num_blocks=plan.shards).add_column(
-                "source", functools.partial(_source_column, i), batch_format="pyarrow"
-            )
-            for i, plan in enumerate(plans)
-        ]
-        ds = sources[0].union(*sources[1:]) if len(sources) > 1 else sources[0]
-        ds.context.execution_options.preserve_order = True
-        ds = ds.map_batches(
-            ShardEmbedder,
-            fn_constructor_kwargs=args,
+        ds = embedding_dataset(
+            plans,
             batch_size=batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=num_workers),
-            num_gpus=num_gpus_per_worker,
-            num_cpus=num_cpus_per_worker,
+            num_workers=num_workers,
+            num_gpus_per_worker=num_gpus_per_worker,
+            num_cpus_per_worker=num_cpus_per_worker,
+            flip=flip,
+            columns=columns,
         )
         parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
     else:
-        embedder = ShardEmbedder(**args)
+        read = ["image", *KEY_COLUMNS, *columns]
+        embedder = ShardEmbedder(
+            **_embedder_args(plans, num_gpus_per_worker, batch_size, flip, columns, False)
+        )
         parts = [
             embedder(
                 {"source": np.full(batch.num_rows, i)}
@@ -329,3 +361,86 @@ def embed_dataset(
         resize=resize,
     )
     return run_embedding([plan], **run_kwargs)[0]
+
+
+class _EmbedWorker:
+    """Ray actor body: loads the exported model once and embeds the chunks it is sent."""
+
+    def __init__(self, model_uri: str, device: str, overrides: Mapping[str, Any] | None):
+        self.embedder = load_face_model(model_uri, device=device, overrides=overrides)
+
+    def ready(self) -> bool:
+        return True
+
+    def embed(self, images: np.ndarray, batch_size: int, flip: bool) -> EmbeddedImages:
+        return self.embedder.embed_set(images, batch_size=batch_size, flip=flip)
+
+
+class EmbedPool:
+    """``num_workers`` Ray actors that each hold the exported model at ``model_dir``; reuse across sets.
+
+    Actors run on CUDA when given GPUs, else on CPU; ``overrides`` replace ``model.json`` fields (see
+    ``facesynth.face_model.read_spec``). The constructor returns once every actor has loaded the
+    model. Use as a context manager (or call :meth:`close`) to free the actors.
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        num_workers: int,
+        num_gpus_per_worker: float = 0,
+        overrides: Mapping[str, Any] | None = None,
+    ):
+        import ray
+
+        if num_workers < 1:
+            raise ValueError(f"num_workers={num_workers}: expected >= 1")
+        device = "cuda" if num_gpus_per_worker > 0 else "cpu"
+        actor_cls = ray.remote(num_cpus=1, num_gpus=num_gpus_per_worker)(_EmbedWorker)
+        self.actors = [actor_cls.remote(model_dir, device, overrides) for _ in range(num_workers)]
+        try:
+            ray.get([actor.ready.remote() for actor in self.actors])
+        except BaseException:
+            self.close()
+            raise
+
+    def embed(self, images: np.ndarray, batch_size: int = 256, flip: bool = True) -> EmbeddedImages:
+        """Contiguous chunks, one per actor, concatenated back in order; XNorm weighted by chunk size."""
+        import ray
+
+        check_images(images)
+        chunks = [c for c in np.array_split(images, len(self.actors)) if len(c)]
+        parts = ray.get(
+            [a.embed.remote(c, batch_size, flip) for a, c in zip(self.actors, chunks, strict=False)]
+        )
+        weights = np.array([len(c) for c in chunks], dtype=np.float64)
+        xnorm = float(np.dot([p.xnorm for p in parts], weights) / weights.sum())
+        return EmbeddedImages(embeddings=np.concatenate([p.embeddings for p in parts]), xnorm=xnorm)
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+    def __enter__(self) -> EmbedPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def embed_with_ray(
+    model_dir: str,
+    images: np.ndarray,
+    num_workers: int,
+    batch_size: int = 256,
+    num_gpus_per_worker: float = 0,
+    flip: bool = True,
+    overrides: Mapping[str, Any] | None = None,
+) -> EmbeddedImages:
+    """Embed ``images`` once on a fresh :class:`EmbedPool` of ``num_workers`` actors (at most one per image)."""
+    check_images(images)
+    with EmbedPool(model_dir, min(num_workers, len(images)), num_gpus_per_worker, overrides) as pool:
+        return pool.embed(images, batch_size=batch_size, flip=flip)
