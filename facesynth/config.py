@@ -98,16 +98,16 @@ OutputUri = Annotated[str, AfterValidator(_output_uri)]
 """An output URI (``s3://bucket[/prefix]``, ``file:///abs/path`` or a path), checked when the config loads."""
 
 
-def find_config(name_or_path: str) -> Path:
-    """A YAML path as given, or a preset name from ``configs/`` (``quickstart`` -> configs/quickstart.yaml)."""
+def find_config(name_or_path: str, folder: Path = CONFIG_DIR, what: str = "config") -> Path:
+    """A YAML path as given, or a preset name from ``folder`` (``quickstart`` -> configs/quickstart.yaml)."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") and path.exists():
         return path
-    preset = CONFIG_DIR / f"{name_or_path}.yaml"
+    preset = folder / f"{name_or_path}.yaml"
     if preset.exists():
         return preset
-    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-    raise ConfigError(f"config {name_or_path!r}: no such file, and not a preset (known presets: {known})")
+    known = sorted(p.stem for p in folder.glob("*.yaml"))
+    raise ConfigError(f"{what} {name_or_path!r}: no such file, and not a preset (known presets: {known})")
 
 
 def apply_override(data: dict, item: str) -> None:

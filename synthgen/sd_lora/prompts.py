@@ -19,12 +19,11 @@ In the generate job, identity ``offset + i`` is person ``i``, and its sample ``s
 from __future__ import annotations
 
 import string
-from pathlib import Path
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from facesynth.config import CONFIG_DIR, StrictModel
+from facesynth.config import CONFIG_DIR, StrictModel, find_config
 
 PROMPTS_DIR = CONFIG_DIR / "prompts"
 
@@ -111,21 +110,9 @@ class PromptSet(StrictModel):
         return who, template, template.text.format(**who.values())
 
 
-def find_prompt_set(name_or_path: str) -> Path:
-    """A YAML path as given, or a name from ``configs/prompts/`` (``cross-domain``)."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") and path.exists():
-        return path
-    named = PROMPTS_DIR / f"{name_or_path}.yaml"
-    if named.exists():
-        return named
-    known = sorted(p.stem for p in PROMPTS_DIR.glob("*.yaml"))
-    raise ValueError(f"prompt set {name_or_path!r}: no such file, and not one of configs/prompts/ {known}")
-
-
 def read_prompt_set(name_or_path: str) -> dict:
     """The raw mapping of a prompt-set file (validated by :class:`PromptSet` where it is used)."""
-    path = find_prompt_set(name_or_path)
+    path = find_config(name_or_path, PROMPTS_DIR, "prompt set")
     data = yaml.safe_load(path.read_text())
     if not isinstance(data, dict):
         raise ValueError(f"prompt set {path}: expected a mapping, got {type(data).__name__}")
@@ -134,7 +121,7 @@ def read_prompt_set(name_or_path: str) -> dict:
 
 def load_prompt_set(name_or_path: str) -> PromptSet:
     """A validated prompt set from a file; errors name the file and the offending key."""
-    path = find_prompt_set(name_or_path)
+    path = find_config(name_or_path, PROMPTS_DIR, "prompt set")
     try:
         return PromptSet.model_validate(read_prompt_set(str(path)))
     except ValidationError as exc:
